@@ -1,0 +1,100 @@
+"""``fake_quantize``: quantize-dequantize in the input dtype, with ONE straight-through-estimator autograd.Function.
+
+Why: training through emulated low-bit numerics needs a gradient; FIELD_NOTES §2 item 1 (W4A4 runs stuck at 7-10%
+because activation fake-quant ran under ``no_grad`` without an STE). The forward is exactly
+``dequantize(quantize(x))`` (bit for bit, fp32 compute, result in ``x.dtype``); the backward is
+
+* ``ste="identity"``: ``dL/dx = dL/dy``;
+* ``ste="clipped"``:  ``dL/dx = dL/dy * [|x| <= elem_max * dq]``, zero where ``x`` saturated (``dq`` = the block's
+  dequantization multiplier; e.g. MX FLOOR's [6, 8) * 2^s band for FP4).
+
+When no gradient is needed (``torch.no_grad`` or ``x.requires_grad == False``) the autograd.Function is skipped, so
+no graph is built. Large CPU/CUDA tensors use the compiled fast path (``fast.py``) when it is enabled; it is
+bit-identical to the eager path and falls back to it on any failure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fast
+from .blocking import from_blocks, to_blocks
+from .quantize import block_quantize, fake_quantize_eager, resolve_format
+from .registry import QFormat, SteMode
+from .registry import _choice as choice
+
+
+def _forward(
+    x: torch.Tensor, fmt: QFormat, generator: torch.Generator | None, global_amax: torch.Tensor | None
+) -> torch.Tensor:
+    """fp32 fake-quantized ``x`` (fast path when eligible)."""
+    y = fast.try_fake_quantize(x, fmt, generator, global_amax)
+    return y if y is not None else fake_quantize_eager(x, fmt, generator, global_amax)
+
+
+def _forward_with_mask(
+    x: torch.Tensor, fmt: QFormat, generator: torch.Generator | None, global_amax: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 fake-quantized ``x`` and the bool mask of non-saturated elements (eager)."""
+    if fmt.hadamard:
+        raise ValueError("ste='clipped' is not defined for hadamard-rotated formats (the clip happens in the rotated basis)")
+    if x.numel() == 0:
+        empty = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        return empty, empty.bool()
+    bq, layout = block_quantize(x, fmt, generator, global_amax)
+    xb, _ = to_blocks(x.to(torch.float32), layout.axis, layout.block, layout.per_tensor)
+    keep = xb.abs() <= fmt.elem_max * bq.dq
+    return from_blocks(bq.values * bq.dq, layout), from_blocks(keep, layout)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: fake quantization. Backward: straight-through (identity or clipped)."""
+
+    @staticmethod
+    def forward(ctx, x, fmt, ste, generator, global_amax):  # noqa: D102
+        if ste is SteMode.CLIPPED:
+            y, keep = _forward_with_mask(x, fmt, generator, global_amax)
+            ctx.save_for_backward(keep)
+        else:
+            y = _forward(x, fmt, generator, global_amax)
+        ctx.clipped = ste is SteMode.CLIPPED
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        if ctx.clipped:
+            (keep,) = ctx.saved_tensors
+            grad_out = torch.where(keep, grad_out, torch.zeros_like(grad_out))
+        return grad_out, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor, fmt: str | QFormat, *, ste: str | SteMode = SteMode.IDENTITY,
+    generator: torch.Generator | None = None, global_amax: torch.Tensor | None = None, **options,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x``; differentiable with a straight-through estimator.
+
+    Args:
+        x: float tensor (fp32 / bf16 / fp16 / fp64); computed in fp32, returned in ``x.dtype``.
+        fmt: a QFormat or a format name; ``options`` go to ``get_format`` (``fake_quantize(x, "mxfp4",
+            scale_mode="rceil")``).
+        ste: ``"identity"`` or ``"clipped"`` (zero gradient where ``x`` saturated).
+        generator: RNG for ``rounding="stochastic"``.
+        global_amax: NVFP4 static per-tensor amax instead of the tensor's own.
+        **options: format options.
+
+    Returns:
+        Tensor like ``x``, equal bit for bit to ``dequantize(quantize(x, fmt))``.
+
+    Example:
+        >>> import torch
+        >>> fake_quantize(torch.tensor([0.25, 0.75, 1.25, 5.0, 7.0] + [0.0] * 27), "mxfp4")[:5].tolist()
+        [0.0, 1.0, 1.0, 4.0, 6.0]
+    """
+    fmt = resolve_format(fmt, options)
+    ste = choice(SteMode, ste, "ste")
+    if not torch.is_floating_point(x):
+        raise ValueError(f"fake_quantize needs a floating-point tensor, got {x.dtype}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FakeQuantSTE.apply(x, fmt, ste, generator, global_amax)
+    return _forward(x, fmt, generator, global_amax).to(x.dtype)

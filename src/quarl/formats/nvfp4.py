@@ -1,0 +1,156 @@
+"""NVFP4: E2M1 elements, one E4M3 scale per 16 elements, times one fp32 per-tensor scale.
+
+Math (FORMATS.md §4). ``T = amax(|x|)`` over the tensor, ``b = amax(|x|)`` over a block, ``e4m3()`` = RNE onto the
+E4M3 grid, saturating (computed with :func:`round_to_float_grid`, equal to ``.to(torch.float8_e4m3fn)`` on torch 2.13):
+
+* ``compressed_tensors`` (default; what llm-compressor writes and vLLM serves; CT 0.20 ``generate_gparam``,
+  ``calculate_qparams``, ``_quantize_dequantize``)::
+
+      gs  = nan_to_num(reciprocal(max(T, fp32_tiny)) * 2688, nan/inf -> 1)   # stored global_scale (encode factor)
+      s8  = e4m3(clamp(gs * (b / 6), +-448)); s8 == 0 -> 0.125              # stored scales
+      eff = s8 / gs;   q = e2m1(clamp(x / eff, +-6));   y = q * eff           # true division, as CT
+
+* ``torchao`` (``nvfp4_quantize`` with a per-tensor scale; ``per_tensor_amax_to_scale``)::
+
+      pts = T / 2688                                                          # stored global_scale (decode factor)
+      s8  = e4m3(clamp((b / 6) / pts, 2^-6, 448))                             # never an E4M3 subnormal
+      q   = e2m1(clamp(x * (reciprocal(pts) / s8), +-6));   y = q * (pts * s8)
+
+* ``transformer_engine`` (NVFP4BlockScaling, transcribed from the TE sources, not run: TE needs CUDA)::
+
+      S_enc = min(2688 / T, FLT_MAX), 1 if T == 0 or S_enc == 0;  S_dec = 1 / S_enc
+      s8  = e4m3(b * (S_enc * fp32(1/6)))                                      # subnormals and 0 allowed
+      enc = min(1 / (s8 * S_dec), FLT_MAX);  q = e2m1(x * enc);  y = q * ((s8 * T) * fp32(1/2688))
+      stored global_scale = T (TE keeps the amax)
+
+Options: ``block_2d=True`` takes ``b`` over 16x16 tiles of the last two dims (TE's weight recipe) and stores it for
+every row (TE's rowwise layout). ``hadamard=True`` rotates 16-wide tiles first (see ``hadamard.py``).
+Stochastic rounding (``rounding="stochastic"``) replaces ``e2m1()``'s RNE; TE's Philox stream is not reproduced.
+
+Policies:
+* Zeros: a zero block gives ``q = 0``. An all-zero tensor gives 0 in ``compressed_tensors`` (gs -> 1, s8 0 -> 0.125)
+  and ``transformer_engine`` (S_enc = 1), and **NaN** in ``torchao`` (pts = 0, 0/0), reproduced on purpose and
+  documented (FORMATS.md §6 #7, ``nv_all_zero_tensor``).
+* Non-finite input (all profiles, a quarl policy): ``T`` is taken over the finite elements only, and a block holding
+  NaN/Inf gets the E4M3 NaN scale, so exactly that block dequantizes to NaN. The references disagree here (CT turns a
+  single Inf into an all-NaN tensor and a NaN into gs = 1; torchao turns either into all-NaN) and none is reproduced.
+* ``-0.0`` keeps its sign (FORMATS.md §6 #10; CT's and TE's FP4 casts return +0).
+* The three dequant product orders (``s8/gs``, ``pts*s8``, ``(s8*T)/2688``) differ by up to 1 ulp and are each
+  reproduced by their profile (FORMATS.md §6 #8).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blocking import BlockQuant
+from .registry import Profile, QFormat
+from .rounding import round_elem, round_to_float_grid
+from .spec import E2M1, E4M3
+
+_FP32_TINY = torch.finfo(torch.float32).tiny
+_FP32_MAX = torch.finfo(torch.float32).max
+_E4M3_TINY = 2.0**-6  # torchao E4M3_EPS = finfo(float8_e4m3fn).tiny
+_RANGE = E4M3.max_normal * E2M1.max_normal  # 2688
+
+
+def tensor_amax(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``max |x|`` over the finite elements (0 for an empty tensor), shape ``(1,)``."""
+    if x.numel() == 0:
+        return torch.zeros(1, dtype=torch.float32, device=x.device)
+    lo, hi = torch.aminmax(x)  # one pass, no |x| temporary
+    a = torch.maximum(-lo, hi).to(torch.float32)
+    if not bool(torch.isfinite(a)):
+        a = torch.where(torch.isfinite(x), x.abs(), 0.0).amax().to(torch.float32)
+    return a.reshape(1)
+
+
+def _block_amax(xb: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """Per-block amax ``(..., n_blocks, 1)``; with ``block_2d`` the max over 16 rows of each 16x16 tile."""
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    if not fmt.block_2d:
+        return amax
+    if amax.dim() < 3:
+        raise ValueError("block_2d needs a tensor with at least 2 dims (rows x 16-col blocks)")
+    rows = amax.shape[-3]
+    pad = (-rows) % 16
+    padded = torch.nn.functional.pad(amax, (0, 0, 0, 0, 0, pad)) if pad else amax
+    tiles = padded.reshape(*padded.shape[:-3], (rows + pad) // 16, 16, *padded.shape[-2:])
+    tile_max = tiles.amax(dim=-3, keepdim=True).expand_as(tiles)
+    return tile_max.reshape(padded.shape)[..., :rows, :, :]
+
+
+def _e4m3(v: torch.Tensor) -> torch.Tensor:
+    return round_to_float_grid(v, E4M3)
+
+
+def _poison(s8: torch.Tensor, block_amax: torch.Tensor) -> torch.Tensor:
+    """NaN scale for blocks holding a non-finite value (see Policies)."""
+    return torch.where(torch.isfinite(block_amax), s8, torch.full_like(s8, float("nan")))
+
+
+def _scales_ct(b: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gs = torch.nan_to_num(T.clamp(min=_FP32_TINY).reciprocal() * _RANGE, nan=1.0, posinf=1.0, neginf=1.0)
+    s8 = _e4m3((gs * (b / E2M1.max_normal)).clamp(-E4M3.max_normal, E4M3.max_normal))
+    s8 = torch.where(s8 == 0, torch.full_like(s8, 0.125), s8)  # CT _get_dtype_eps(float8_e4m3fn)
+    return s8, gs
+
+
+def _scales_torchao(b: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pts = T / _RANGE
+    s8 = _e4m3(((b / E2M1.max_normal) / pts).clamp(_E4M3_TINY, E4M3.max_normal))
+    return s8, pts
+
+
+def _te_senc(T: torch.Tensor) -> torch.Tensor:
+    s_enc = (_RANGE / T).clamp(max=_FP32_MAX)  # python-scalar / tensor is reciprocal*scalar in torch: divide explicitly
+    return torch.where((T == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
+
+
+def _scales_te(b: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s_enc = _te_senc(T)
+    s8 = _e4m3(b * (s_enc * torch.tensor(1.0 / 6.0, dtype=torch.float32)))
+    return s8, T
+
+
+def dequant_scale(scales: torch.Tensor, global_scale: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """fp32 per-block multiplier from stored E4M3 scales and the stored per-tensor scale (profile's product order)."""
+    s8 = scales.to(torch.float32)
+    g = global_scale.to(torch.float32)
+    if fmt.profile is Profile.COMPRESSED_TENSORS:
+        return s8 / g
+    if fmt.profile is Profile.TORCHAO:
+        return g * s8
+    return (s8 * g) * torch.tensor(1.0 / _RANGE, dtype=torch.float32)
+
+
+def _element_input(xb: torch.Tensor, s8: torch.Tensor, g: torch.Tensor, fmt: QFormat) -> torch.Tensor:
+    """The tensor handed to the E2M1 rounding, in each reference's arithmetic."""
+    if fmt.profile is Profile.COMPRESSED_TENSORS:
+        return xb / (s8 / g)
+    if fmt.profile is Profile.TORCHAO:
+        return xb * (g.reciprocal() / s8)
+    s_dec = torch.ones_like(g) / _te_senc(g)
+    enc = (torch.ones_like(s8) / (s8 * s_dec)).clamp(max=_FP32_MAX)
+    return xb * enc
+
+
+def quantize_blocks(
+    xb: torch.Tensor, fmt: QFormat, noise: torch.Tensor | None, global_amax: torch.Tensor | None = None
+) -> BlockQuant:
+    """Quantize fp32 blocks ``(..., n_blocks, 16)`` to NVFP4 (see the module docstring for the math).
+
+    Args:
+        xb: fp32 blocks.
+        fmt: an NVFP4 format.
+        noise: U[0,1) samples for stochastic rounding, else None.
+        global_amax: per-tensor amax to use instead of the tensor's own (a static, calibrated scale); shape ``(1,)``.
+    """
+    T = tensor_amax(xb) if global_amax is None else global_amax.to(torch.float32).reshape(1)
+    b = _block_amax(xb, fmt)
+    scale_fn = {Profile.COMPRESSED_TENSORS: _scales_ct, Profile.TORCHAO: _scales_torchao,
+                Profile.TRANSFORMER_ENGINE: _scales_te}[fmt.profile]
+    s8, g = scale_fn(b, T)
+    s8 = _poison(s8, b)
+    values = round_elem(_element_input(xb, s8, g, fmt), E2M1, fmt.rounding, noise)
+    return BlockQuant(values, dequant_scale(s8, g, fmt), s8.to(torch.float8_e4m3fn), g)

@@ -1,0 +1,265 @@
+"""The `Injector`: attaches an `InjectionSpec` to a model and owns everything it added.
+
+    inj = attach(model, InjectionSpec(scheme="NVFP4", apply_during="rollout"))
+    with inj.phase("rollout"):
+        model.generate(...)              # injected
+    with inj.phase("training"):
+        loss = ...                       # not injected (apply_during="rollout"); counted as skipped
+    inj.stats()                          # per module: fires / skipped per phase, weight/input/output error stats
+    inj.detach()                         # every hook removed, caches freed; the model is bit-identical to before
+
+Design (STYLE §3.5): one forward pre-hook and one always-called post-hook per selected module, both handles owned
+here; no global state and no patching. The pre-hook gates on the phase, swaps in the cached weight error
+(`quarl.inject.weights`) and injects the input; the post-hook restores the weight and injects the output.
+
+Phase policy. The phase is explicit (`phase` / `set_phase`), never inferred from ``module.training`` (HF and TRL
+keep ``training=True`` during generation, FIELD_NOTES §5). Before any phase is set:
+- ``apply_during="both"``: injection is on, and the calls are counted under the phase ``"unset"``;
+- ``apply_during="rollout"`` or ``"training"``: a forward raises ``RuntimeError`` — the run cannot tell which
+  phase it is in, and silently skipping (or applying) quantization is how evaluations lied (FIELD_NOTES §2 item 6).
+Every call is counted either as a fire or as a skip, per phase, so telemetry always shows what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from quarl.inject.activations import inject_input, inject_output
+from quarl.inject.errors import ErrorModel, module_seed
+from quarl.inject.select import select_modules
+from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
+from quarl.inject.telemetry import ModuleTelemetry
+from quarl.inject.weights import WeightCache
+
+logger = logging.getLogger(__name__)
+UNSET = "unset"
+
+
+class _Rng:
+    """Lazily created per-device generators with one fixed seed (seeded noise, reproducible per module/role)."""
+
+    def __init__(self, seed: int, needed: bool) -> None:
+        self.seed = seed
+        self.needed = needed
+        self._gens: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device) -> torch.Generator | None:
+        if not self.needed:
+            return None
+        if device not in self._gens:
+            self._gens[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._gens[device]
+
+
+class _ModuleInjection:
+    """Hooks and state for one selected module."""
+
+    def __init__(self, injector: Injector, fqn: str, error: ErrorModel) -> None:
+        spec = injector.spec
+        self.injector = injector
+        self.fqn = fqn
+        self.error = error
+        self.point = spec.injection_point
+        self.telemetry = ModuleTelemetry()
+        noisy = spec.is_noise
+        self.rng = {role: _Rng(module_seed(spec.seed, f"{fqn}:{role}"), noisy) for role in ("weight", "input", "output")}
+        self.weight = WeightCache(error, self.telemetry, self.rng["weight"]) if self.point.weight else None
+        self._active = False
+        self._calls = 0
+
+    def _inject(self, role: str) -> Any:
+        return lambda x: self.error(x, self.rng[role](x.device))
+
+    def _measuring(self) -> bool:
+        return (self._calls - 1) % self.injector.stats_every == 0
+
+    def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        phase, active = self.injector._gate()
+        self._active = active
+        if not active:
+            self.telemetry.skipped[phase] += 1
+            return None
+        self.telemetry.fires[phase] += 1
+        self._calls += 1
+        if self.weight is not None:
+            self.weight.swap_in(module)
+        if not self.point.input:
+            return None
+        done = inject_input(args, kwargs, self._inject("input"))
+        if done is None:
+            return None
+        args, kwargs, x, q = done
+        if self._measuring():
+            self.telemetry.measure("input", x, q)
+        return args, kwargs
+
+    def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if self.weight is not None:
+            self.weight.swap_out(module)  # always, also when the forward raised (always_call=True)
+        if not (self._active and self.point.output):
+            return None
+        self._active = False
+        done = inject_output(output, self._inject("output"))
+        if done is None:
+            return None
+        output, y, q = done
+        if self._measuring():
+            self.telemetry.measure("output", y, q)
+        return output
+
+
+class Injector:
+    """Owns the hooks, caches, phase and telemetry of one attached `InjectionSpec` (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None = None,
+                 stats_every: int = 1) -> None:
+        if stats_every < 1:
+            raise ValueError(f"stats_every must be >= 1, got {stats_every}")
+        self.model = model
+        self.spec = spec
+        self.stats_every = stats_every
+        self._phase: Phase | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._modules: dict[str, _ModuleInjection] = {}
+        self.set_phase(phase)
+        self._install()
+
+    # --- installation -----------------------------------------------------------------------------------------------
+    def _install(self) -> None:
+        selected = select_modules(self.model, self.spec)
+        error = ErrorModel.from_spec(self.spec)
+        point = self.spec.injection_point
+        for fqn, module in selected:
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                if point.weight or point.input:
+                    error.check_shape(weight.shape[1], f"{fqn} ({type(module).__name__})")
+                if point.output:
+                    error.check_shape(weight.shape[0], f"{fqn} ({type(module).__name__}) output")
+        for fqn, module in selected:
+            state = _ModuleInjection(self, fqn, error)
+            self._modules[fqn] = state
+            self._handles.append(module.register_forward_pre_hook(state.pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(state.post, with_kwargs=True, always_call=True))
+        logger.info("quarl.inject: %s on %d modules (%s, apply_during=%s, use_ste=%s)", self.spec.error_type,
+                    len(selected), self.spec.injection_point.value, self.spec.apply_during.value, self.spec.use_ste)
+        if not self.spec.use_ste:
+            logger.warning("!!! quarl.inject: use_ste=False — the gradient through every injected %s is CUT "
+                           "(detached). This reproduces the W4A4 no-STE failure (GSM8K stuck at 7-10%%) and is "
+                           "only meant for that regression. Use use_ste=True for training. !!!",
+                           self.spec.injection_point.value)
+
+    # --- phase ------------------------------------------------------------------------------------------------------
+    @property
+    def current_phase(self) -> Phase | None:
+        """The phase set by `set_phase` / `phase`, or None."""
+        return self._phase
+
+    def set_phase(self, phase: Phase | str | None) -> None:
+        """Set the phase ('rollout' | 'training' | None) for the following forwards."""
+        if phase is None or isinstance(phase, Phase):
+            self._phase = phase
+            return
+        valid = [p.value for p in Phase]
+        if phase not in valid:
+            raise ValueError(f"unknown phase {phase!r}; valid phases: {', '.join(valid)}")
+        self._phase = Phase(phase)
+
+    @contextlib.contextmanager
+    def phase(self, phase: Phase | str) -> Iterator[Injector]:
+        """Context manager: run the block in ``phase``, then restore the previous phase."""
+        previous = self._phase
+        self.set_phase(phase)
+        try:
+            yield self
+        finally:
+            self._phase = previous
+
+    def _gate(self) -> tuple[str, bool]:
+        """(phase name, active?) for a forward starting now."""
+        if self._phase is None:
+            if self.spec.apply_during is ApplyDuring.BOTH:
+                return UNSET, True
+            raise RuntimeError(
+                f"quarl.inject: apply_during={self.spec.apply_during.value!r} but no phase is set; wrap the forward "
+                "in `with injector.phase('rollout'):` / `('training')` or call injector.set_phase(...)")
+        return self._phase.value, self.spec.apply_during.covers(self._phase)
+
+    # --- telemetry --------------------------------------------------------------------------------------------------
+    @property
+    def modules(self) -> list[str]:
+        """Qualified names of the injected modules."""
+        return list(self._modules)
+
+    def stats(self) -> dict[str, dict]:
+        """Per module: ``fires`` / ``skipped`` per phase, ``weight_computations``, and per role ('weight',
+        'input', 'output') ``rel_err``, ``sqnr_db``, ``zero_frac``, ``amax``, ``outlier``, ``measured``."""
+        return {fqn: state.telemetry.summary() for fqn, state in self._modules.items()}
+
+    def never_fired(self, phase: Phase | str | None = None) -> list[str]:
+        """Modules whose injection never fired (in ``phase``, or in any phase)."""
+        key = phase.value if isinstance(phase, Phase) else phase
+        return [fqn for fqn, s in self._modules.items()
+                if (s.telemetry.fires.get(key, 0) if key else sum(s.telemetry.fires.values())) == 0]
+
+    def check_fired(self, phase: Phase | str | None = None) -> None:
+        """Raise RuntimeError naming every declared injection that never fired."""
+        missing = self.never_fired(phase)
+        if missing:
+            where = f" in phase {phase!r}" if phase else ""
+            raise RuntimeError(f"quarl.inject: {len(missing)}/{len(self._modules)} declared injections never "
+                               f"fired{where}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+
+    def reset_stats(self) -> None:
+        """Zero all counters and error statistics (hooks and caches stay)."""
+        for state in self._modules.values():
+            state.telemetry = ModuleTelemetry()
+            if state.weight is not None:
+                state.weight.telemetry = state.telemetry
+                state.weight.clear()
+
+    # --- lifetime ---------------------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        """True until `detach` ran."""
+        return bool(self._handles)
+
+    def detach(self) -> None:
+        """Remove every hook and free every cache. Idempotent. The model was never modified, so it is bit-identical
+        to before `attach` (parameters, buffers, outputs)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for fqn, state in self._modules.items():
+            if state.weight is not None:
+                state.weight.swap_out(self.model.get_submodule(fqn))
+                state.weight.clear()
+
+    def __enter__(self) -> Injector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+
+def attach(model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None = None,
+           stats_every: int = 1) -> Injector:
+    """Attach ``spec`` to ``model``; returns the `Injector` that owns every hook (also a context manager).
+
+    Args:
+        model: any ``nn.Module`` (plain, Hugging Face, PEFT-wrapped).
+        spec: the injection (validated at construction).
+        phase: initial phase ('rollout' | 'training'); see the module docstring for the policy when None.
+        stats_every: measure activation error statistics on every n-th injected call (1 = every call; weight
+            statistics are measured once per weight version regardless).
+
+    Raises:
+        ValueError: the spec matches zero modules, or a format cannot handle a selected module's features.
+    """
+    return Injector(model, spec, phase=phase, stats_every=stats_every)

@@ -1,0 +1,238 @@
+"""`InjectionSpec`: where, when and what kind of hardware error enters a model.
+
+One frozen dataclass describes an injection in the vocabulary users already know from the verl fork
+(FIELD_NOTES §1): ``error_type``, ``injection_point``, ``apply_during``, ``use_ste``, targets / excludes,
+``target_layers``, ``error_scale``, ``seed``. YAML is only its serialized form (`to_yaml` / `from_yaml`, strict via
+`quarl.configio`: an unknown key is an error naming the nearest valid key).
+
+Schemes (the names llm-compressor / vLLM users know) expand to explicit fields in ``__post_init__``:
+
+    scheme     error_type  injection_point   note
+    W4A16      mxfp4*      weight            * 4-bit format; default mxfp4, or the given 4-bit error_type
+    W4A4       mxfp4*      both              * (mxfp4 | nvfp4 | int4 | nf4); weight + linear input
+    MXFP4A16   mxfp4       weight
+    MXFP4      mxfp4       both
+    NVFP4A16   nvfp4       weight
+    NVFP4      nvfp4       both
+    FP8        fp8_e4m3    both              scaled E4M3 on weights and inputs (compressed-tensors ``FP8``)
+
+Deliberate choice: the generic ``W4A16`` / ``W4A4`` names mean "4-bit weights" / "4-bit weights and inputs" and
+default to **MXFP4** (the fork's primary format), NOT compressed-tensors' ``W4A16`` (INT4 group 128): for that, write
+``scheme="W4A16", error_type="int4", format_options={"group_size": 128}``. A scheme that contradicts an explicitly
+given field (``scheme="NVFP4", error_type="mxfp4"``, ``scheme="W4A16", injection_point="both"``) raises.
+
+Error models (see `quarl.inject.errors` for the math): any `quarl.formats` name (fake quantization), or
+``relative_gaussian`` x·(1 + s·N(0,1)), ``absolute_gaussian`` x + s·N(0,1), ``systematic_bias`` x + s·sign(x),
+``deadzone`` (zero where |x| < t·max|x|); ``s`` / ``t`` is ``error_scale`` (required for those, forbidden for formats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quarl import configio
+
+
+class InjectionPoint(enum.Enum):
+    """Where the error enters a linear-like layer ``y = x W^T + b``."""
+
+    WEIGHT = "weight"  # W -> e(W): W4A16; cached once per weight version
+    INPUT = "input"  # forward pre-hook: x -> e(x)
+    OUTPUT = "output"  # forward post-hook: y -> e(y)
+    BOTH = "both"  # weight + input: W4A4, y = e(x) e(W)^T + b
+
+    @property
+    def weight(self) -> bool:
+        return self in (InjectionPoint.WEIGHT, InjectionPoint.BOTH)
+
+    @property
+    def input(self) -> bool:
+        return self in (InjectionPoint.INPUT, InjectionPoint.BOTH)
+
+    @property
+    def output(self) -> bool:
+        return self is InjectionPoint.OUTPUT
+
+
+class Phase(enum.Enum):
+    """The phase a forward pass belongs to; set explicitly, never inferred from ``module.training``."""
+
+    ROLLOUT = "rollout"  # generation / evaluation (what the deployed hardware runs)
+    TRAINING = "training"  # log-prob + loss forward/backward
+
+
+class ApplyDuring(enum.Enum):
+    """Which phases an injection is active in."""
+
+    ROLLOUT = "rollout"
+    TRAINING = "training"
+    BOTH = "both"
+
+    def covers(self, phase: Phase) -> bool:
+        return self is ApplyDuring.BOTH or self.value == phase.value
+
+
+NOISE_MODELS = ("relative_gaussian", "absolute_gaussian", "systematic_bias", "deadzone")
+SCHEMES: dict[str, dict[str, Any]] = {
+    # name: fields it sets; "error_type": None means "any 4-bit format, default mxfp4"
+    "W4A16": {"error_type": None, "injection_point": "weight"},
+    "W4A4": {"error_type": None, "injection_point": "both"},
+    "MXFP4A16": {"error_type": "mxfp4", "injection_point": "weight"},
+    "MXFP4": {"error_type": "mxfp4", "injection_point": "both"},
+    "NVFP4A16": {"error_type": "nvfp4", "injection_point": "weight"},
+    "NVFP4": {"error_type": "nvfp4", "injection_point": "both"},
+    "FP8": {"error_type": "fp8_e4m3", "injection_point": "both"},
+}
+FOUR_BIT_FORMATS = ("mxfp4", "nvfp4", "int4", "nf4")
+DEFAULT_EXCLUDE = (r"(^|\.)lm_head$", r"embed", r"(^|\.)wte$", r"(^|\.)wpe$")
+
+
+def format_names() -> tuple[str, ...]:
+    """The fake-quant format names `quarl.formats` knows (imported lazily: formats is a heavier import)."""
+    from quarl.formats import FORMATS
+
+    return tuple(FORMATS)
+
+
+@dataclass(frozen=True)
+class InjectionSpec:
+    """A complete, validated description of one error injection (see the module docstring)."""
+
+    scheme: str | None = None  # W4A16 | W4A4 | MXFP4A16 | MXFP4 | NVFP4A16 | NVFP4 | FP8; expands to the fields below
+    error_type: str | None = None  # a quarl.formats name or one of NOISE_MODELS
+    format_options: dict = field(default_factory=dict)  # quarl.formats.get_format options (+ ste: identity|clipped)
+    injection_point: InjectionPoint | str | None = None  # weight | input | output | both (default weight)
+    apply_during: ApplyDuring | str = "both"  # rollout | training | both
+    use_ste: bool = True  # False cuts the gradient through the error (reproduces the W4A4 failure; logs a warning)
+    targets: tuple[str, ...] = ()  # regexes searched in the module's qualified name; empty = every candidate
+    target_classes: tuple[str, ...] = ("*Linear",)  # fnmatch patterns on the class name (vLLM *ParallelLinear too)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE  # regexes on the qualified name; LoRA adapters are always excluded
+    target_layers: tuple[int, ...] = ()  # decoder-block indices (…layers.<i>.…); empty = all blocks
+    quantize_lm_head: bool = False  # the output head is never touched without this explicit opt-in
+    error_scale: float | None = None  # sigma / bias / deadzone threshold for the noise models
+    seed: int = 0  # seeds the noise models (one generator per module, derived from seed and module name)
+
+    def __post_init__(self) -> None:
+        self._expand_scheme()
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("injection_point", _enum(InjectionPoint, self.injection_point or "weight", "injection_point"))
+        set_("apply_during", _enum(ApplyDuring, self.apply_during, "apply_during"))
+        for name in ("targets", "target_classes", "exclude", "target_layers"):
+            value = getattr(self, name)
+            set_(name, (value,) if isinstance(value, (str, int)) else tuple(value))
+        set_("format_options", dict(self.format_options or {}))
+        self._validate_error()
+        self._validate_selection()
+
+    # --- scheme expansion -------------------------------------------------------------------------------------------
+    def _expand_scheme(self) -> None:
+        if self.scheme is None:
+            if self.error_type is None:
+                raise ValueError("InjectionSpec needs an error_type (e.g. 'mxfp4', 'nvfp4', 'relative_gaussian') "
+                                 f"or a scheme ({', '.join(SCHEMES)})")
+            return
+        if self.scheme not in SCHEMES:
+            raise configio.unknown_key_error(self.scheme, SCHEMES, "InjectionSpec.scheme")
+        preset = SCHEMES[self.scheme]
+        point = self.injection_point.value if isinstance(self.injection_point, InjectionPoint) else self.injection_point
+        if point is not None and point != preset["injection_point"]:
+            raise ValueError(f"scheme {self.scheme!r} means injection_point={preset['injection_point']!r}, "
+                             f"but injection_point={point!r} was given; drop one of them")
+        error_type = preset["error_type"]
+        if error_type is None:  # generic W4A16 / W4A4
+            error_type = self.error_type or "mxfp4"
+            if error_type not in FOUR_BIT_FORMATS:
+                raise ValueError(f"scheme {self.scheme!r} is a 4-bit scheme; error_type must be one of "
+                                 f"{FOUR_BIT_FORMATS}, got {error_type!r}")
+        elif self.error_type is not None and self.error_type != error_type:
+            raise ValueError(f"scheme {self.scheme!r} means error_type={error_type!r}, but error_type="
+                             f"{self.error_type!r} was given; use scheme W4A16/W4A4 with an error_type instead")
+        object.__setattr__(self, "error_type", error_type)
+        object.__setattr__(self, "injection_point", preset["injection_point"])
+
+    # --- validation -------------------------------------------------------------------------------------------------
+    def _validate_error(self) -> None:
+        if self.is_noise:
+            if self.format_options:
+                raise ValueError(f"format_options apply to quarl.formats error types, not {self.error_type!r}")
+            if self.error_scale is None or not self.error_scale > 0:
+                raise ValueError(f"error_type {self.error_type!r} needs error_scale > 0, got {self.error_scale}")
+            if self.error_type == "deadzone" and not self.error_scale < 1:
+                raise ValueError(f"deadzone threshold error_scale is a fraction of max|x| in (0, 1), "
+                                 f"got {self.error_scale}")
+            return
+        names = format_names()
+        if self.error_type not in names:
+            raise configio.unknown_key_error(self.error_type, names + NOISE_MODELS, "InjectionSpec.error_type")
+        if self.error_scale is not None:
+            raise ValueError(f"error_scale is for the noise models {NOISE_MODELS}; format {self.error_type!r} "
+                             "has no scale knob (use format_options)")
+        from quarl.formats import SteMode, get_format
+
+        options = dict(self.format_options)
+        ste = options.pop("ste", "identity")
+        if ste not in [m.value for m in SteMode] and not isinstance(ste, SteMode):
+            raise configio.unknown_key_error(str(ste), [m.value for m in SteMode], "InjectionSpec.format_options.ste")
+        get_format(self.error_type, **options)  # raises ValueError naming the valid options
+
+    def _validate_selection(self) -> None:
+        for pattern in self.targets + self.exclude:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r} in targets/exclude: {exc}") from None
+        if not self.target_classes:
+            raise ValueError("target_classes is empty: no module could ever match (default: ('*Linear',))")
+        if any(not isinstance(i, int) or i < 0 for i in self.target_layers):
+            raise ValueError(f"target_layers must be non-negative block indices, got {self.target_layers}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    # --- derived ----------------------------------------------------------------------------------------------------
+    @property
+    def is_noise(self) -> bool:
+        """True for the gaussian / bias / deadzone models, False for quarl.formats fake quantization."""
+        return self.error_type in NOISE_MODELS
+
+    def replace(self, **changes: Any) -> InjectionSpec:
+        """A copy with some fields changed (the scheme is dropped: the copy carries the expanded fields)."""
+        data = self.to_dict()
+        data.update(scheme=None, **changes)
+        return InjectionSpec(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (enums as their string values), ready for YAML/JSON."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else configio.to_dict(value)
+        return out
+
+    def to_yaml(self, path: str | Path | None = None, header: str | None = None) -> str:
+        """Serialize to YAML (optionally writing it with a ``# header`` comment)."""
+        return configio.dump_yaml(self.to_dict(), path, header)
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> InjectionSpec:
+        """Load strictly from a YAML file path or string (unknown keys name the nearest valid key)."""
+        return configio.load_yaml(cls, source)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InjectionSpec:
+        """Build strictly from a dict (unknown keys name the nearest valid key)."""
+        return configio.from_dict(cls, data)
+
+
+def _enum(cls: type[enum.Enum], value: Any, what: str) -> Any:
+    """Coerce a string (or member) to ``cls``; unknown strings raise naming the nearest valid value."""
+    if isinstance(value, cls):
+        return value
+    valid = [m.value for m in cls]
+    if value not in valid:
+        raise configio.unknown_key_error(str(value), valid, f"InjectionSpec.{what}")
+    return cls(value)
