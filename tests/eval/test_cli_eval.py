@@ -8,7 +8,7 @@ so that it checks the CLI wiring — data loading, config, run_eval, files, prin
 import json
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer
+from _tiny_lm import tiny_model, tiny_tokenizer
 
 import quarl.cli.eval as cli_eval
 from quarl.cli import main

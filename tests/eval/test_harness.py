@@ -6,12 +6,12 @@ Run: python -m pytest tests/eval/test_harness.py -q
 import dataclasses
 
 import pytest
-import torch
 
+from quarl import configio
 from quarl.data.gsm8k import VERL_GSM8K_INSTRUCTION
 from quarl.data.records import Problem
 from quarl.eval.harness import EvalConfig, GenerationConfig, PromptStyle, build_prompt, generate, run_eval
-from tiny import tiny_model, tiny_tokenizer
+from _tiny_lm import tiny_model, tiny_tokenizer
 
 PROMPTS = [
     "Tom has 3 apples . how many ?",
@@ -84,6 +84,8 @@ def test_generation_config_validation():
         EvalConfig(scorer="lenient")
     with pytest.raises(ValueError, match="did you mean 'scorer'"):
         EvalConfig.from_dict({"scorr": "strict"})
+    cfg = EvalConfig(generation=GenerationConfig(samples=4, temperature=0.7), scorer="numeric")
+    assert configio.load_yaml(EvalConfig, configio.dump_yaml(cfg)) == cfg  # YAML is the serialized dataclass
 
 
 def test_build_prompt_chat_and_plain():
@@ -109,3 +111,41 @@ def test_run_eval_records_and_metrics(model, tok):
     assert result.metrics["verl"]["val-core/openai/gsm8k/acc/mean@1"] == acc
     block = result.metrics["by_source"]["openai/gsm8k"]
     assert block["strict"]["mean@1"]["value"] == acc and block["n_problems"] == 5
+
+
+def test_run_eval_under_injection_records_telemetry(model, tok):
+    from quarl.inject import InjectionSpec
+
+    problems = [Problem(q, "#### 3", "3", "openai/gsm8k", f"p{i}") for i, q in enumerate(PROMPTS[:3])]
+    cfg = EvalConfig(generation=dataclasses.replace(GREEDY, batch_size=2))
+    clean = run_eval(model, tok, problems, cfg, progress=False)
+    forwards = []
+    handle = model.register_forward_hook(lambda *a: forwards.append(1))
+    quant = run_eval(model, tok, problems, cfg, spec=InjectionSpec(scheme="W4A4", apply_during="rollout"),
+                     progress=False)
+    handle.remove()
+    q = quant.quantization
+    assert q["phase"] == "rollout" and q["spec"]["error_type"] == "mxfp4" and q["spec"]["injection_point"] == "both"
+    assert q["modules_injected"] == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down); lm_head excluded
+    assert q["hook_fires"] == q["modules_injected"] * len(forwards)  # every module fired on every model forward
+    assert set(q["roles"]) == {"weight", "input"} and 5 < q["roles"]["weight"]["sqnr_db_mean"] < 40
+    assert run_eval(model, tok, problems, cfg, progress=False).samples == clean.samples  # detached: bit-identical
+
+
+def test_run_eval_fails_when_claimed_spec_never_fires(model, tok):
+    from quarl.inject import InjectionSpec
+
+    problems = [Problem(PROMPTS[0], "#### 3", "3", "openai/gsm8k", "p0")]
+    spec = InjectionSpec(scheme="W4A4", apply_during="training")  # gated off in the rollout phase
+    with pytest.raises(RuntimeError, match="never fired"):
+        run_eval(model, tok, problems, EvalConfig(generation=GREEDY), spec=spec, progress=False)
+    assert not model._forward_pre_hooks and not model.model.layers[0].self_attn.q_proj._forward_pre_hooks
+
+
+@pytest.mark.gpu
+def test_batched_equals_unbatched_greedy_cuda(tok):
+    m = tiny_model(len(tok)).to("cuda")
+    m.generation_config.eos_token_id = [tok.eos_token_id, tok.convert_tokens_to_ids("s")]
+    batched = generate(m, tok, PROMPTS, GREEDY)
+    single = [generate(m, tok, [p], dataclasses.replace(GREEDY, batch_size=1))[0] for p in PROMPTS]
+    assert _ids(tok, batched) == _ids(tok, single)

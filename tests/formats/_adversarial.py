@@ -26,8 +26,9 @@ Run: imported by `pytest tests/formats`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import pytest
 import torch
 
 # Positive element grids (FORMATS.md §1): used for ties and for the `quarl formats --sample` grid check.
@@ -231,3 +232,19 @@ FINITE: dict[str, Callable[..., torch.Tensor]] = {
     "zero_blocks": zero_blocks,
     "all_zero": all_zero,
 }
+
+
+def sweep(fast: Iterable[str], fast_bf16: Iterable[str] = ("normal",), prefix: tuple = ()) -> list:
+    """pytest params `(*prefix, family, dtype)` over every FINITE family in fp32 and bf16.
+
+    Families in `fast` (fp32) and `fast_bf16` (bf16) run by default; every other combination is marked `slow`
+    (run with `-m slow`), so the default suite stays fast while the full adversarial sweep stays one flag away.
+    """
+    fast, fast_bf16 = set(fast), set(fast_bf16)
+    params = []
+    for dtype, chosen in ((torch.float32, fast), (torch.bfloat16, fast_bf16)):
+        for family in sorted(FINITE):
+            marks = () if family in chosen else (pytest.mark.slow,)
+            ident = "-".join([*(str(getattr(p, "value", p)) for p in prefix), family, str(dtype).split(".")[-1]])
+            params.append(pytest.param(*prefix, family, dtype, marks=marks, id=ident))
+    return params

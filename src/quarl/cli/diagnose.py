@@ -1,14 +1,90 @@
-"""`quarl diagnose` subcommand."""
+"""`quarl diagnose`: why would this quantization break this model? Table on stdout, optional JSON and PNG.
+
+    quarl diagnose --model testbed:tiny --scheme MXFP4 [--json out.json] [--plot out.png] [--sensitivity]
+    quarl diagnose --model smollm2 --spec my_spec.yaml --sensitivity block --noise --nll
+
+Exit status 1 when the diagnosis finds an error (a declared injection never fired, gradients cut); 2 for an
+invalid spec or unreadable prompt file.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+from quarl.inject.spec import SCHEMES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose", help="(not yet available)")
+    p = sub.add_parser("diagnose", help="per-layer error, logits KL, gradient flow and sensitivity of an injection")
+    # --- model ---
+    p.add_argument("--model", required=True, help="model spec for quarl.models.load_model (e.g. testbed:tiny)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="parameter dtype")
+    p.add_argument("--device", default="cpu", help="torch device")
+    # --- injection (a scheme, a YAML spec, or explicit fields) ---
+    p.add_argument("--scheme", choices=list(SCHEMES), help="named scheme (expands to error_type + injection_point)")
+    p.add_argument("--spec", type=Path, help="InjectionSpec YAML file (strict)")
+    p.add_argument("--error-type", help="a quarl.formats name or relative_gaussian | absolute_gaussian | ...")
+    p.add_argument("--error-scale", type=float, help="sigma / bias / threshold of the noise models")
+    p.add_argument("--injection-point", choices=["weight", "input", "output", "both"], help="where the error enters")
+    p.add_argument("--apply-during", default="both", choices=["rollout", "training", "both"], help="phases")
+    p.add_argument("--no-ste", action="store_true", help="cut the gradient (reproduces the W4A4 no-STE failure)")
+    # --- inputs ---
+    p.add_argument("--prompts", type=Path, help="JSONL ({'prompt', optional 'reference'}) or one prompt per line")
+    p.add_argument("--nll", action="store_true", help="score per-token NLL on the built-in reference answers")
+    # --- checks and outputs ---
+    p.add_argument("--sensitivity", nargs="?", const="layer", choices=["layer", "block"], help="scan one unit at a time")
+    p.add_argument("--noise", action="store_true", help="scan with equal-size relative-gaussian noise instead")
+    p.add_argument("--noise-scale", type=float, help="noise sigma for --noise (default: each unit's measured error)")
+    p.add_argument("--no-grad-check", action="store_true", help="skip the gradient-flow check")
+    p.add_argument("--json", type=Path, help="write the report as JSON")
+    p.add_argument("--plot", type=Path, help="write a PNG of per-layer damage")
     p.set_defaults(func=_run)
 
 
+def _spec(args: argparse.Namespace):
+    from quarl.inject import InjectionSpec
+
+    if args.spec:
+        return InjectionSpec.from_yaml(args.spec)
+    return InjectionSpec(scheme=args.scheme, error_type=args.error_type, error_scale=args.error_scale,
+                         injection_point=args.injection_point, apply_during=args.apply_during,
+                         use_ste=not args.no_ste)
+
+
+def _inputs(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
+    from quarl.diagnose import DEFAULT_PROMPTS, DEFAULT_REFERENCES
+
+    if args.prompts is None:
+        return list(DEFAULT_PROMPTS), (list(DEFAULT_REFERENCES) if args.nll else None)
+    lines = [ln for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    if not lines[0].lstrip().startswith("{"):
+        return lines, None
+    rows = [json.loads(ln) for ln in lines]
+    refs = [r["reference"] for r in rows] if all("reference" in r for r in rows) else None
+    return [r["prompt"] for r in rows], refs
+
+
 def _run(args: argparse.Namespace) -> int:
-    raise SystemExit("quarl diagnose: not implemented yet")
+    import quarl.models
+    from quarl.diagnose import diagnose, plot_damage
+
+    try:
+        spec = _spec(args)
+        prompts, references = _inputs(args)
+    except (ValueError, OSError) as exc:
+        print(f"quarl diagnose: {exc}", file=sys.stderr)
+        return 2
+    model, tokenizer = quarl.models.load_model(args.model, dtype=args.dtype, device=args.device)
+    report = diagnose(model, spec, tokenizer=tokenizer, prompts=prompts, references=references,
+                      check_gradients=not args.no_grad_check, sensitivity=args.sensitivity,
+                      sensitivity_noise=args.noise, noise_scale=args.noise_scale)
+    print(report.table(), end="")
+    if args.json:
+        report.to_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {plot_damage(report, args.plot)}")
+    return 0 if report.ok else 1

@@ -73,6 +73,9 @@ def _run(args: argparse.Namespace) -> int:
     if result.quantization:
         print(f"quantization applied: {result.quantization['modules_injected']} modules, "
               f"{result.quantization['hook_fires']} hook fires in phase {result.quantization['phase']!r}")
+    timing = result.metrics["timing"]
+    print(f"generated {timing['generated_tokens']} tokens in {timing['wall_s']:.1f}s "
+          f"({timing['tokens_per_s']:.1f} tokens/s)")
     print(f"results: {out}/summary.json, {out}/samples.jsonl")
     return 0
 

@@ -47,7 +47,7 @@ def _problem(grad: torch.Tensor | None) -> str | None:
 
 
 def gradient_flow(model: nn.Module, spec: InjectionSpec, batch: Batch,
-                  phase: Phase | str = Phase.TRAINING) -> tuple[list[GradIssue], int]:
+                  phase: Phase | str = Phase.TRAINING) -> tuple[list[GradIssue], int, dict[str, dict]]:
     """Run forward + backward with ``spec`` attached and report missing gradients.
 
     Args:
@@ -57,7 +57,8 @@ def gradient_flow(model: nn.Module, spec: InjectionSpec, batch: Batch,
         phase: the phase to run in (normally 'training').
 
     Returns:
-        ``(issues, n_checked)``: every missing gradient, and how many inputs + parameters were checked.
+        ``(issues, n_checked, stats)``: every missing gradient, how many inputs + parameters were checked, and
+        the injector's telemetry of the pass (`quarl.inject.Injector.stats`).
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -77,12 +78,13 @@ def gradient_flow(model: nn.Module, spec: InjectionSpec, batch: Batch,
     leaf = emb.register_forward_hook(lambda m, a, out: out.detach().requires_grad_()) if emb is not None else None
     skip = {id(p) for p in emb.parameters()} if emb is not None else set()
     try:
-        with attach(model, spec, phase=phase):
+        with attach(model, spec, phase=phase) as inj:
             lm_loss(logits_of(model, batch), batch).backward()
+            stats = inj.stats()
         issues = [GradIssue(n, "input", p) for n, t in captured.items() if (p := _problem(t.grad)) is not None]
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in skip]
         issues += [GradIssue(n, "param", pr) for n, p in trainable if (pr := _problem(p.grad)) is not None]
-        return issues, len(captured) + len(trainable)
+        return issues, len(captured) + len(trainable), stats
     finally:
         for h in handles + ([leaf] if leaf is not None else []):
             h.remove()

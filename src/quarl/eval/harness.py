@@ -33,6 +33,7 @@ import dataclasses
 import enum
 import inspect
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -274,16 +275,19 @@ def run_eval(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalC
         progress: show a tqdm bar (stderr) with the running strict accuracy and format rate.
 
     Returns:
-        The scored samples, the metrics (see :func:`quarl.eval.results.summarize`) and the applied quantization.
+        The scored samples, the metrics (:func:`quarl.eval.results.summarize`, plus ``timing``: wall seconds and
+        generated tokens) and the quantization applied (injector telemetry; None without a spec).
     """
     style = PromptStyle(cfg.prompt_style)
     prompts = [build_prompt(tokenizer, p.question, cfg.prompt_suffix, style) for p in problems]
     chat = style is PromptStyle.CHAT or (style is PromptStyle.AUTO and getattr(tokenizer, "chat_template", None))
     samples: list[Sample] = []
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.generation.seed)
-    bar = tqdm(total=len(problems), desc="eval", unit="problem", disable=not progress)
-    with _perturbations(model, spec, cfg) as telemetry:
-        step = cfg.generation.batch_size
+    step, t0 = cfg.generation.batch_size, time.perf_counter()
+    logger.info("eval: %d problems x %d samples, %s prompts, spec=%s, phase=%s", len(problems),
+                cfg.generation.samples, "chat" if chat else "plain", spec is not None, cfg.phase)
+    with tqdm(total=len(problems), desc="eval", unit="problem", disable=not progress) as bar, \
+            _perturbations(model, spec, cfg) as telemetry:
         for start in range(0, len(problems), step):
             outs = generate(model, tokenizer, prompts[start:start + step], cfg.generation, not chat, gen)
             for problem, prompt, comps in zip(problems[start:start + step], prompts[start:start + step], outs):
@@ -292,6 +296,7 @@ def run_eval(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalC
             bar.update(len(outs))
             bar.set_postfix(acc=f"{sum(s.correct_strict for s in samples) / len(samples):.3f}",
                             fmt=f"{sum(s.extracted is not None for s in samples) / len(samples):.3f}")
-    bar.close()
     metrics = summarize(samples, seed=cfg.generation.seed)
+    wall, tokens = time.perf_counter() - t0, sum(s.n_tokens for s in samples)
+    metrics["timing"] = {"wall_s": wall, "generated_tokens": tokens, "tokens_per_s": tokens / max(wall, 1e-9)}
     return EvalResult(samples, metrics, telemetry or None)

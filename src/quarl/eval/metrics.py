@@ -165,6 +165,19 @@ def _verl_bootstrap_idx(n_data: int, subset_size: int, n_bootstrap: int, seed: i
     return np.random.RandomState(seed).choice(n_data, size=(n_bootstrap, subset_size), replace=True)
 
 
+def _bootstrap_majority(preds: list[Hashable], vals: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """:func:`majority_vote` on every resample row of ``idx`` (R, n), vectorized; ties go to the first seen."""
+    code_of: dict[Hashable, int] = {}
+    codes = np.array([code_of.setdefault(p, len(code_of)) for p in preds])  # (n_resps,) equal preds -> equal codes
+    votes = codes[idx]  # (R, n)
+    n_codes, (n_rows, n) = int(codes.max()) + 1, idx.shape
+    onehot = votes[:, :, None] == np.arange(n_codes)  # (R, n, C)
+    counts = onehot.sum(axis=1)  # (R, C)
+    first = np.where(onehot.any(axis=1), onehot.argmax(axis=1), n)  # (R, C) first position of each code in the row
+    winner = np.argmax(counts * (n + 1) - first, axis=1)  # (R,) most votes, then earliest first appearance
+    return vals[idx[np.arange(n_rows), first[np.arange(n_rows), winner]]]  # value of the winner's first sample
+
+
 def _verl_uid_metrics(vals: list[float], preds: list[Hashable] | None, n_bootstrap: int, seed: int) -> dict:
     """verl's per-prompt metrics for one variable (mean@N, std@N, best/worst/maj@n bootstrap estimates)."""
     n_resps = len(vals)
@@ -179,7 +192,7 @@ def _verl_uid_metrics(vals: list[float], preds: list[Hashable] | None, n_bootstr
         metric[f"best@{n}/mean"], metric[f"best@{n}/std"] = float(best.mean()), float(best.std())
         metric[f"worst@{n}/mean"], metric[f"worst@{n}/std"] = float(worst.mean()), float(worst.std())
         if preds is not None:
-            maj = np.array([majority_vote([preds[i] for i in row], v[row].tolist()) for row in idx])
+            maj = _bootstrap_majority(preds, v, idx)  # (n_bootstrap,)
             metric[f"maj@{n}/mean"], metric[f"maj@{n}/std"] = float(maj.mean()), float(maj.std())
     return metric
 

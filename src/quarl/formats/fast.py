@@ -65,7 +65,12 @@ def _build(fmt: QFormat) -> Callable:
     def run(x: torch.Tensor, global_amax: torch.Tensor | None) -> torch.Tensor:
         return fake_quantize_eager(x, fmt, None, global_amax)
 
-    return torch.compile(run, dynamic=True, fullgraph=True)
+    # Dynamo caches compiled graphs per *code object*; closures share one, and its guards do not tell two formats
+    # apart (a torchao-profile call silently reused the compressed-tensors graph). A fresh code object per format
+    # gives every format its own cache.
+    code = run.__code__.replace(co_name=f"quarl_fake_quantize_{len(_compiled)}")
+    fresh = type(run)(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
+    return torch.compile(fresh, dynamic=True, fullgraph=True)
 
 
 def try_fake_quantize(

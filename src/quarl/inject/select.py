@@ -10,7 +10,8 @@ A module is selected when, in this order:
    ``ColumnParallelLinear`` / ``RowParallelLinear`` / ``QKVParallelLinear``), and — for weight injection — it has a
    2-D ``.weight`` (linear semantics: ``y = x W^T``);
 4. the output head (``lm_head``, or the model's ``get_output_embeddings()``) only with ``quantize_lm_head=True``
-   (which then overrides ``exclude``), because quantizing it collapsed NVFP4 runs to 7.66% (FIELD_NOTES §2 item 5);
+   (which then overrides ``exclude``, not ``targets`` / ``target_layers``), because quantizing it collapsed NVFP4
+   runs to 7.66% (FIELD_NOTES §2 item 5);
 5. no ``exclude`` regex is found in its name, every ``targets`` regex list (when given) has a hit, and its decoder
    block index (``…layers.<i>.…``, ``…h.<i>.…``, ``…blocks.<i>.…``) is in ``target_layers`` (when given).
 
@@ -90,8 +91,9 @@ def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> Filte
         if spec.injection_point.weight and not _has_linear_weight(module):
             return False
         if _is_head(module, fqn, head):
-            return spec.quantize_lm_head
-        if any(p.search(fqn) for p in exclude):
+            if not spec.quantize_lm_head:
+                return False
+        elif any(p.search(fqn) for p in exclude):
             return False
         if targets and not any(p.search(fqn) for p in targets):
             return False

@@ -148,11 +148,11 @@ def build_testbed(out_dir: Path, cfg: TestbedConfig = DEFAULT_CONFIG,
     return report
 
 
-def save_checkpoint(model: Any, tokenizer: Any, out_dir: Path) -> None:
+def save_checkpoint(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
     """Save as a Hugging Face directory; the tokenizer class is pinned so AutoTokenizer loads tokenizer.json as is."""
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    path = out_dir / "tokenizer_config.json"
+    path = Path(out_dir) / "tokenizer_config.json"
     tok_cfg = json.loads(path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # never a model-specific (byte-level) class
     path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
