@@ -12,6 +12,7 @@ on whatever CPU/GPU this runs on; the machine used for the numbers in the report
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -28,20 +29,22 @@ def _model(args: argparse.Namespace) -> torch.nn.Module:
     return LlamaForCausalLM(cfg).eval().to(args.device)
 
 
-def _time(model: torch.nn.Module, ids: torch.Tensor, reps: int) -> float:
-    with torch.no_grad():
-        for _ in range(2):  # warm-up: weight cache fill, allocator, compile
-            model(ids)
-        times = []
-        for _ in range(reps):
-            if ids.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(ids)
-            if ids.is_cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _once(model: torch.nn.Module, ids: torch.Tensor) -> float:
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model(ids)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+VARIANTS = {
+    "W4A16 (mxfp4)": InjectionSpec(scheme="W4A16"),
+    "W4A4  (mxfp4)": InjectionSpec(scheme="W4A4"),
+    "NVFP4A16": InjectionSpec(scheme="NVFP4A16"),
+    "NVFP4 (W4A4)": InjectionSpec(scheme="NVFP4"),
+}
 
 
 def main() -> None:
@@ -54,22 +57,34 @@ def main() -> None:
     p.add_argument("--stats-every", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    model = _model(args)
+    base = _model(args)
     ids = torch.randint(0, 8192, (args.batch, args.seq), device=args.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"Llama {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens, {args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, stats_every={args.stats_every}")
-    base = _time(model, ids, args.reps)
-    print(f"{'unquantized':22s} {base * 1e3:8.1f} ms   1.00x")
-    for label, spec in [("W4A16 (mxfp4)", InjectionSpec(scheme="W4A16")),
-                        ("W4A4  (mxfp4)", InjectionSpec(scheme="W4A4")),
-                        ("NVFP4A16", InjectionSpec(scheme="NVFP4A16")),
-                        ("NVFP4 (W4A4)", InjectionSpec(scheme="NVFP4"))]:
-        with attach(model, spec, stats_every=args.stats_every):
-            t = _time(model, ids, args.reps)
-        print(f"{label:22s} {t * 1e3:8.1f} ms   {t / base:.2f}x")
-    again = _time(model, ids, args.reps)  # drift check: the machine is shared
-    print(f"{'unquantized (again)':22s} {again * 1e3:8.1f} ms   {again / base:.2f}x")
+    print(f"Llama {sum(q.numel() for q in base.parameters()) / 1e6:.1f}M params, batch {args.batch} x {args.seq} "
+          f"tokens, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"stats_every={args.stats_every}")
+    # One model copy per variant, injected once; the variants are timed round-robin so that load drift on a
+    # shared machine hits all of them alike, and each ratio is the median of per-round ratios.
+    models = {"unquantized": base}
+    injectors = []
+    for label, spec in VARIANTS.items():
+        models[label] = copy.deepcopy(base)
+        injectors.append(attach(models[label], spec, stats_every=args.stats_every))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():  # warm-up: weight cache fill, allocator, compile
+            m(ids)
+            m(ids)
+        for _ in range(args.reps):
+            for label, m in models.items():
+                times[label].append(_once(m, ids))
+    # min over reps approximates the uncontended time; the median per-round ratio shows the typical overhead
+    base_min = min(times["unquantized"])
+    for label, ts in times.items():
+        ratio = statistics.median(t / b for t, b in zip(ts, times["unquantized"]))
+        print(f"{label:16s} min {min(ts) * 1e3:8.1f} ms  ratio(min) {min(ts) / base_min:.2f}x   "
+              f"median {statistics.median(ts) * 1e3:8.1f} ms  ratio(median per round) {ratio:.2f}x")
+    for inj in injectors:
+        inj.detach()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ one numerical edge of FORMATS.md:
   the block amax is `elem_max * 2^k`, so under FLOOR/RCEIL/NVFP4-with-pow2-global the scaled values are *exact* ties
   (FORMATS.md §2 tie table, §6 #1). `nv_ties` does the same for NVFP4 (power-of-two tensor and block scales).
 - `pow2_neighbours`: 2^k and nextafter(2^k, ±inf) for k across the fp32 range, and block maxima at the scale-mode
-  boundaries `{6, 7, 7.5, 8, 28, 448, 470, 480, 57344} * 2^k` and their neighbours (FORMATS.md §3 scale table, §6 #2/#3/#9).
+  boundaries `{6, 7, 7.5, 8, 28, 448, 470, 480, 57344} * 2^k` and their neighbours (FORMATS.md §3 scale table,
+  §6 #2/#3/#9).
 - `tiny`: fp32 subnormal and near-subnormal magnitudes, amax down to 2^-149 (FORMATS.md §3 `mx_fp32_denormal_range`).
 - `huge`: magnitudes up to 3.39e38 (bf16 max; scale-exponent clamp at +127).
 - `zero_blocks`: normal data with whole blocks set to +0.0 or -0.0 (FORMATS.md §6 #7, #10).

@@ -31,6 +31,7 @@ def test_eligibility(monkeypatch, clean_fast_state):
     assert not fast.enabled_for(big, get_format("nvfp4"))
     monkeypatch.setenv(fast.ENV_SWITCH, "1")
     assert fast.enabled_for(small, get_format("nvfp4"))
+    assert not fast.enabled_for(torch.empty(fast.MIN_NUMEL, device="meta"), get_format("nvfp4"))
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, clean_fast_state, caplog):
@@ -92,3 +93,17 @@ def test_compiled_equals_eager_for_every_format(monkeypatch, clean_fast_state):
             y = fast.try_fake_quantize(inp, fmt, None, None)
             assert y is not None, f"{name} {opts}: the compiled path did not run"
             assert _same(y, fake_quantize_eager(inp, fmt)), f"{name} {opts} {tuple(inp.shape)} {inp.dtype}"
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(monkeypatch, clean_fast_state):
+    # CUDA eager and the forced compiled (Triton) path must equal the CPU eager result bit for bit
+    x = _adversarial()
+    for name, opts in FAST_VARIANTS:
+        fmt = get_format(name, **opts)
+        cpu = fake_quantize_eager(x, fmt)
+        monkeypatch.setenv(fast.ENV_SWITCH, "0")
+        assert _same(fake_quantize(x.cuda(), fmt).cpu(), cpu), f"eager cuda {name} {opts}"
+        monkeypatch.setenv(fast.ENV_SWITCH, "1")
+        y = fast.try_fake_quantize(x.cuda(), fmt, None, None)
+        assert y is not None and _same(y.cpu(), cpu), f"compiled cuda {name} {opts}"

@@ -113,3 +113,32 @@ def test_clipped_ste_option_reaches_formats():
     assert grads["clipped"][0, 0] == 0 and torch.equal(grads["clipped"][0, 1:], col_sum[1:])
     with pytest.raises(ValueError, match="ste"):
         InjectionSpec(error_type="mxfp4", format_options={"ste": "clip"})
+
+
+def test_fake_quant_calls_counted_weights_once_inputs_every_forward(monkeypatch, llama, ids):
+    """FIELD_NOTES §2 item 7 with the real format: 5 forwards of W4A4 quantize 14 weights once, inputs 5 times."""
+    import quarl.formats
+
+    calls = []
+    real = quarl.formats.fake_quantize
+    monkeypatch.setattr(quarl.formats, "fake_quantize",
+                        lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k))
+    with attach(llama, InjectionSpec(scheme="W4A4")) as inj:
+        calls.clear()  # attach itself probes each module's shape once with a (1, K) zero row
+        with torch.no_grad():
+            for _ in range(5):
+                llama(ids)
+        weights = [c for c in calls if len(c) == 2]  # weights are 2-D, activations (B, T, K)
+        assert len(weights) == 14 and len(calls) - len(weights) == 5 * 14
+        assert all(s["weight_computations"] == 1 and s["fires"] == {"unset": 5} for s in inj.stats().values())
+
+
+def test_bf16_model_w4a4_runs_and_restores(llama, ids):
+    llama = llama.to(torch.bfloat16)
+    ref = llama(ids).logits
+    with attach(llama, InjectionSpec(scheme="NVFP4"), phase="training"):
+        out = llama(input_ids=ids, labels=ids)
+        out.loss.backward()
+        assert out.logits.dtype == torch.bfloat16 and not torch.equal(out.logits, ref)
+    assert llama.model.layers[0].mlp.up_proj.weight.grad.dtype == torch.bfloat16
+    assert torch.equal(llama(ids).logits, ref)

@@ -3,6 +3,7 @@
 Run: python -m pytest tests/models/test_testbed_training.py -q
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -19,7 +20,8 @@ from quarl.models.testbed import (
 # Small enough to train in ~1 s; inner dims stay multiples of 32 like the real testbed.
 MINI = TestbedConfig(model=ModelShape(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2),
-                     train=TrainConfig(steps=6, batch_size=4, warmup_steps=2, tokenizer_corpus=24))
+                     train=TrainConfig(steps=6, schedule_steps=6, batch_size=4, warmup_steps=2,
+                                       tokenizer_corpus=24))
 
 GSM8K_STYLE = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -68,11 +70,12 @@ def test_collate_masks_prompt_and_padding(corpus):
 
 
 def test_lr_schedule_endpoints():
-    cfg = TrainConfig(steps=110, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    cfg = TrainConfig(steps=30, schedule_steps=110, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(1e-4)
     assert lr_at(9, cfg) == pytest.approx(1e-3)
     assert lr_at(60, cfg) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))))
     assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, cfg) == pytest.approx(1e-4)  # stays at the floor past the horizon
 
 
 def test_pretrain_is_bit_reproducible_and_learns(tmp_path):
@@ -95,5 +98,11 @@ def test_pretrain_is_bit_reproducible_and_learns(tmp_path):
 def test_pretrain_restores_global_torch_state():
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     pretrain(TestbedConfig(model=MINI.model, train=TrainConfig(steps=1, batch_size=2, warmup_steps=1,
-                                                               tokenizer_corpus=4, threads=1)))
+                                                               tokenizer_corpus=4, threads=2)))
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, det)
+
+
+def test_stopping_early_is_a_prefix_of_a_longer_run():
+    long = dataclasses.replace(MINI, train=dataclasses.replace(MINI.train, steps=6))
+    short = dataclasses.replace(MINI, train=dataclasses.replace(MINI.train, steps=4))
+    assert pretrain(short)[2] == pretrain(long)[2][:4]

@@ -69,9 +69,11 @@ def scale_exponent(amax: torch.Tensor, fmt: QFormat) -> torch.Tensor:
         bits = y.view(torch.int32)
         be = (bits >> F32_MBITS) & 0xFF
         mant_nonzero = (bits & 0x7FFFFF) != 0
-        # ceil(log2 y) + 127 = be + (mantissa != 0); fp32 subnormals round up to byte 1 (torchao main).
-        biased = torch.where(be == 0, mant_nonzero.to(torch.int32), be + mant_nonzero.to(torch.int32))
-        biased = biased.clamp(0, 254)
+        # ceil(log2 y) + 127 = be + (mantissa != 0) for normal y. Subnormal y: byte 0 (2^-127) when y <= 2^-127
+        # (bits <= 0x00400000), else byte 1 -- the exact ceiling, as torchao main's boundary table.
+        sub_byte = (bits > 0x00400000).to(torch.int32)
+        biased = torch.where(be == 0, sub_byte, be + mant_nonzero.to(torch.int32))
+        biased = biased.clamp(0, 254)  # finite y > 2^127 (only mxint8 near fp32 max): saturate, not NaN
     else:
         bits = amax.view(torch.int32)
         if fmt.scale_mode is ScaleMode.EVEN:

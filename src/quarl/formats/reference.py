@@ -66,8 +66,7 @@ def mx_scale_exponent(amax: float, spec: FloatSpec, mode: str) -> int:
         if y == 0:
             return -127
         mant, e = math.frexp(y)
-        s = e - 1 if mant == 0.5 else e
-        s = max(s, -126) if y < 2.0**-126 else s  # fp32 subnormal y -> byte 1 (torchao main)
+        s = e - 1 if mant == 0.5 else e  # exact ceil(log2 y); clamped to >= -127 below
     else:
         raise ValueError(mode)
     return max(-127, min(127, s))

@@ -47,8 +47,8 @@ class ScaleMode(str, Enum):
     """``amax_bits += 1 << (22 - mbits)``, mantissa masked off, then FLOOR (torchao EVEN; compressed-tensors with its
     fixed mantissa width when ``profile="compressed_tensors"``, FORMATS.md §4c)."""
     RCEIL = "rceil"
-    """``s = ceil(log2(amax * (1 / max_normal)))`` taken from bits: exponent + 1 if any mantissa bit is set
-    (torchao main ``_f32_to_e8m0_rceil``, cuBLAS / PTX ``cvt.rp.ue8m0``)."""
+    """``s = ceil(log2(amax * (1 / max_normal)))`` taken from bits: exponent + 1 if any mantissa bit is set, fp32
+    subnormals exact (<= 2^-127 -> byte 0, else byte 1) (torchao main ``_f32_to_e8m0_rceil``, PTX ``cvt.rp.ue8m0``)."""
 
 
 class Profile(str, Enum):

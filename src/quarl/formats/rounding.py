@@ -10,6 +10,9 @@ fp32 number whose integer part indexes the grid step ``2^(e-mbits)``. Rounding i
 first value, which is on the grid. Saturation: magnitudes ``>= max_normal`` (including +-Inf) become ``max_normal``
 ("satfinite", as the OCP MX spec, torchao ``_f32_to_floatx_unpacked`` and PTX ``cvt.rn.satfinite``); NaN stays NaN.
 The sign is re-applied with ``copysign``, so ``-0.0`` and tiny negatives that round to zero give ``-0.0``.
+No native float8 cast is used, so results do not depend on the torch version (eager ``.to(torch.float8_e4m3fn)``
+saturates only since torch 2.13, FORMATS.md §6 #11); tests/formats/test_codes.py checks equality with the native
+casts on this torch.
 
 Integer grids: ``r = round(v / step)`` clamped to ``[qmin, qmax]`` (compressed-tensors ``round_to_quantized_type_args``);
 an integer zero is always ``+0.0`` (its code has no sign).

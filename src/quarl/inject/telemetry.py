@@ -31,14 +31,18 @@ class TensorStats:
     def update(self, x: torch.Tensor, q: torch.Tensor) -> None:
         """Add one (clean, injected) pair."""
         with torch.no_grad():
-            xf = x.detach().float()
-            qf = q.detach().float()
-            sig = xf.square().sum()
-            amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
-            rms = (sig / max(xf.numel(), 1)).sqrt()
+            # flat fp32 views (no copy for fp32 inputs); dot products and count_nonzero avoid temporaries
+            xf = x.detach().reshape(-1).float()
+            qf = q.detach().reshape(-1).float()
+            diff = qf - xf  # the only full-size temporary
+            sig = torch.dot(xf, xf)
+            n = max(xf.numel(), 1)
+            lo, hi = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
+            amax = torch.maximum(-lo, hi)
+            rms = (sig / n).sqrt()
             row = torch.stack([
-                sig, (qf - xf).square().sum(), (qf == 0).sum().float(), xf.new_tensor(float(xf.numel())),
-                amax, torch.where(rms > 0, amax / rms, torch.zeros_like(rms)),
+                sig, torch.dot(diff, diff), (xf.numel() - torch.count_nonzero(qf)).float(),
+                xf.new_tensor(float(xf.numel())), amax, torch.where(rms > 0, amax / rms, torch.zeros_like(rms)),
             ]).double()
             if self._acc is None:
                 self._acc = row

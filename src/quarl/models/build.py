@@ -127,12 +127,19 @@ def build_testbed(out_dir: Path, cfg: TestbedConfig = DEFAULT_CONFIG,
     Returns:
         The report dict written to ``build_report.json``.
     """
+    model, tokenizer, losses, seconds = pretrain(cfg, on_step)
+    return write_build(model, tokenizer, losses, seconds, cfg, out_dir)
+
+
+def write_build(model: Any, tokenizer: Any, losses: list[float], seconds: float, cfg: TestbedConfig,
+                out_dir: str | Path) -> dict[str, Any]:
+    """Write a trained testbed's checkpoint, resolved config, loss curve and build report; returns the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, losses, seconds = pretrain(cfg, on_step)
     save_checkpoint(model, tokenizer, out_dir)
     configio.dump_yaml(cfg, out_dir / "build_config.yaml", header="quarl testbed build (resolved TestbedConfig)")
-    row = evaluate(model, tokenizer, held_out(cfg), progress=False)
+    with deterministic(cfg.train.threads):
+        row = evaluate(model, tokenizer, held_out(cfg), progress=False)
     report = {
         "parameters": model.num_parameters(), "vocab_size": len(tokenizer), "train_seconds": round(seconds, 1),
         "torch_threads": cfg.train.threads, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size,

@@ -73,8 +73,9 @@ class TrainConfig:
     steps: int = 600  # optimizer steps
     batch_size: int = 64  # problems per step
     lr: float = 3e-3  # peak AdamW learning rate
-    warmup_steps: int = 50  # linear warm-up, then cosine decay to lr * min_lr_ratio
-    min_lr_ratio: float = 1.0  # 1.0 = constant after warm-up (a prefix of a longer run is a shorter run)
+    warmup_steps: int = 50  # linear warm-up, then cosine decay to lr * min_lr_ratio at schedule_steps
+    min_lr_ratio: float = 0.1
+    schedule_steps: int = 1000  # cosine horizon; training may stop earlier (a prefix of a longer run = a shorter run)
     weight_decay: float = 0.01
     seed: int = 0  # model init and data stream
     threads: int = 1  # torch intra-op threads; part of the determinism contract (1: same result on any core count)
@@ -158,10 +159,14 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.T
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``schedule_steps``.
+
+    The schedule does not depend on ``steps`` (where training stops), so stopping a run at step n gives exactly the
+    checkpoint a run configured with ``steps=n`` gives.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.schedule_steps - cfg.warmup_steps))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -221,8 +226,11 @@ def pretrain(cfg: TestbedConfig, on_step: Callable[[int, float], None] | None = 
     """Build tokenizer and model from ``cfg`` and train them; returns (model, tokenizer, losses, seconds)."""
     t0 = time.perf_counter()
     n_train = cfg.train.steps * cfg.train.batch_size
-    problems = generate(cfg.data, n_train, Split.TRAIN, seed=cfg.train.seed)
+    # one seeded stream: the tokenizer learns on its first tokenizer_corpus problems, training consumes the first
+    # n_train, so the tokenizer does not depend on how long training runs
+    problems = generate(cfg.data, max(n_train, cfg.train.tokenizer_corpus), Split.TRAIN, seed=cfg.train.seed)
     corpus = [format_prompt(p.question) + "\n" + p.answer for p in problems[: cfg.train.tokenizer_corpus]]
+    problems = problems[:n_train]
     tokenizer = build_tokenizer(corpus, cfg.model.vocab_size)
     with deterministic(cfg.train.threads):
         model = build_model(cfg.model, tokenizer, cfg.train.seed)
