@@ -23,9 +23,16 @@ def fake_loader(monkeypatch, model, tokenizer):
     return calls
 
 
-def test_cli_scheme_json_plot_sensitivity(fake_loader, tmp_path, capsys):
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "1 + 1 =", "reference": "2"}\n{"prompt": "2 + 3 =", "reference": "5"}\n')
+    return path
+
+
+def test_cli_scheme_json_plot_sensitivity(fake_loader, prompt_file, tmp_path, capsys):
     rc = main(["diagnose", "--model", "testbed:tiny", "--scheme", "MXFP4", "--json", str(tmp_path / "o.json"),
-               "--plot", str(tmp_path / "o.png"), "--sensitivity", "--nll"])
+               "--plot", str(tmp_path / "o.png"), "--sensitivity", "--prompts", str(prompt_file)])
     out = capsys.readouterr().out
     assert rc == 0 and fake_loader == [("testbed:tiny", None, "cpu")]
     assert "KL" in out and "reference-answer NLL" in out and "sensitivity (layer / quantization)" in out
@@ -34,19 +41,23 @@ def test_cli_scheme_json_plot_sensitivity(fake_loader, tmp_path, capsys):
     assert (tmp_path / "o.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_no_ste_exits_nonzero(fake_loader, capsys):
-    rc = main(["diagnose", "--model", "x", "--scheme", "W4A4", "--no-ste"])
+def test_cli_builtin_prompts_with_nll(fake_loader, capsys):
+    rc = main(["diagnose", "--model", "x", "--scheme", "NVFP4A16", "--nll", "--no-grad-check", "--max-length", "400"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "6 sequences" in out and "reference-answer NLL" in out
+
+
+def test_cli_no_ste_exits_nonzero(fake_loader, prompt_file, capsys):
+    rc = main(["diagnose", "--model", "x", "--scheme", "W4A4", "--no-ste", "--prompts", str(prompt_file)])
     assert rc == 1 and "ERROR: gradient flow" in capsys.readouterr().out
 
 
-def test_cli_spec_yaml_and_prompt_file(fake_loader, tmp_path, capsys):
+def test_cli_spec_yaml_and_prompt_file(fake_loader, prompt_file, tmp_path, capsys):
     from quarl.inject import InjectionSpec
 
     spec = tmp_path / "s.yaml"
     InjectionSpec(error_type="relative_gaussian", error_scale=0.01, injection_point="input").to_yaml(spec)
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text('{"prompt": "1 + 1 =", "reference": "2"}\n{"prompt": "2 + 3 =", "reference": "5"}\n')
-    rc = main(["diagnose", "--model", "x", "--spec", str(spec), "--prompts", str(prompts), "--no-grad-check",
+    rc = main(["diagnose", "--model", "x", "--spec", str(spec), "--prompts", str(prompt_file), "--no-grad-check",
                "--sensitivity", "block", "--noise", "--noise-scale", "0.05"])
     out = capsys.readouterr().out
     assert rc == 0 and "2 sequences" in out and "relative_gaussian on input" in out and "block / noise" in out

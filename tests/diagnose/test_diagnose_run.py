@@ -12,6 +12,16 @@ from quarl.diagnose import DEFAULT_PROMPTS, DEFAULT_REFERENCES, diagnose, plot_d
 from quarl.inject import InjectionSpec
 
 
+PROMPTS = ["Mia has 3 packs of 12 pens.", "Tom buys 4 cakes at $2."]  # char-level: one token per character
+REFS = ["3 * 12 = 36\n#### 36", "4 * 2 = 8\n#### 8"]  # + the " " before each reference (no BOS is added)
+
+
+def test_default_prompts_are_gsm8k_style():
+    assert len(DEFAULT_PROMPTS) == len(DEFAULT_REFERENCES) >= 5
+    assert all(p.endswith('output the final answer after "####".') for p in DEFAULT_PROMPTS)
+    assert all("\n#### " in r for r in DEFAULT_REFERENCES)
+
+
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -19,9 +29,9 @@ def _state(model):
 def test_w4a4_report_is_complete_and_model_restored(model, tokenizer):
     before, ids = _state(model), torch.randint(0, 128, (2, 10))
     ref = model(ids).logits
-    report = diagnose(model, InjectionSpec(scheme="MXFP4"), tokenizer=tokenizer, references=DEFAULT_REFERENCES)
+    report = diagnose(model, InjectionSpec(scheme="MXFP4"), tokenizer=tokenizer, prompts=PROMPTS, references=REFS)
     assert report.ok, report.errors
-    assert report.n_sequences == len(DEFAULT_PROMPTS) and report.n_tokens > 100
+    assert report.n_sequences == 2 and report.n_tokens == sum(len(p) + 1 + len(r) for p, r in zip(PROMPTS, REFS))
     assert report.kl > 0 and 0 <= report.top1 <= 1
     assert report.nll_clean is not None and report.nll_injected != report.nll_clean
     assert len(report.layers) == 14

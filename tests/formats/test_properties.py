@@ -8,7 +8,8 @@ Properties and where they hold (verified here; the exceptions have their own det
   any fp32 / bf16 / fp16 input: NaN, +-Inf, fp32 subnormals, huge -- every format and the main options.
 * Idempotence `fq(fq(x)) == fq(x)`, bit for bit, wherever `fq(x)` is finite:
   - MX, every scale mode and deterministic rounding; fp8_e4m3 / fp8_e5m2; nf4.
-  - NVFP4 (`compressed_tensors`, `torchao`) with a static `global_amax`.
+  - NVFP4 `torchao` with a static `global_amax`; `compressed_tensors` too when every block scale is an E4M3 normal
+    (`test_nvfp4_ct_subnormal_block_scale_not_idempotent` shows a subnormal block scale collapsing to CT's eps).
   - NOT NVFP4 with the default dynamic per-tensor scale: the second pass recomputes the global scale from the
     *dequantized* amax, which differs from the original amax in the last bits, so outputs move by a few ulp
     (`test_nvfp4_dynamic_scale_not_idempotent`). Even codes and E4M3 scales can move: hypothesis found a block
@@ -102,8 +103,26 @@ def test_nvfp4_idempotent_with_static_global_amax(x: torch.Tensor, profile: str)
     fmt = get_format("nvfp4", profile=profile)
     amax = x.abs().amax().reshape(1)
     assume(bool(amax > 0))  # torchao: an all-zero tensor is NaN by design
+    # CT keeps E4M3-subnormal block scales; those are coarse enough to move on the second pass (counter-example below)
+    assume(bool((quantize(x, fmt, global_amax=amax).scales.float() >= 2.0**-6).all()))
     y = _finite_fq(x, fmt, global_amax=amax)
     assert torch.equal(fake_quantize(y, fmt, global_amax=amax), y)
+
+
+def test_nvfp4_ct_subnormal_block_scale_not_idempotent() -> None:
+    """Found by hypothesis: CT profile, static amax, a block whose E4M3 scale is the subnormal 2^-9.
+
+    T = 2.41e22 gives gs = 2688/T; the block amax 5.2553692e16 needs gs*b/6 just above 2^-10, which rounds to
+    s8 = 2^-9 (step of the E4M3 subnormals); x/eff = 3.0000001 -> 3, dequantized 5.2553688e16, a hair below b.
+    Second pass: gs*b'/6 is now just below 2^-10 -> E4M3 0 -> CT's eps 0.125 -> the element becomes 0.
+    """
+    x = torch.zeros(2, 64)
+    x[1, 47] = 5.255369228025856e16
+    x[1, 63] = 2.4109108626203408e22
+    amax = x.abs().amax().reshape(1)
+    y = fake_quantize(x, "nvfp4", global_amax=amax)
+    assert quantize(x, "nvfp4", global_amax=amax).scales[1, 2].float() == 2.0**-9
+    assert y[1, 47] != 0 and fake_quantize(y, "nvfp4", global_amax=amax)[1, 47] == 0
 
 
 def test_nvfp4_dynamic_scale_not_idempotent() -> None:

@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # --- inputs ---
     p.add_argument("--prompts", type=Path, help="JSONL ({'prompt', optional 'reference'}) or one prompt per line")
     p.add_argument("--nll", action="store_true", help="score per-token NLL on the built-in reference answers")
+    p.add_argument("--max-length", type=int, default=512, help="truncate each prompt (+ reference) to this many tokens")
     # --- checks and outputs ---
     p.add_argument("--sensitivity", nargs="?", const="layer", choices=["layer", "block"], help="scan one unit at a time")
     p.add_argument("--noise", action="store_true", help="scan with equal-size relative-gaussian noise instead")
@@ -80,7 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer = quarl.models.load_model(args.model, dtype=args.dtype, device=args.device)
     report = diagnose(model, spec, tokenizer=tokenizer, prompts=prompts, references=references,
                       check_gradients=not args.no_grad_check, sensitivity=args.sensitivity,
-                      sensitivity_noise=args.noise, noise_scale=args.noise_scale)
+                      sensitivity_noise=args.noise, noise_scale=args.noise_scale, max_length=args.max_length)
     print(report.table(), end="")
     if args.json:
         report.to_json(args.json)
