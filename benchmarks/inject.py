@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--stats-every", type=int, default=1)
+    p.add_argument("--stats-every", type=int, default=16)  # attach() default
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     base = _model(args)

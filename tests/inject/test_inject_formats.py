@@ -116,7 +116,8 @@ def test_clipped_ste_option_reaches_formats():
 
 
 def test_fake_quant_calls_counted_weights_once_inputs_every_forward(monkeypatch, llama, ids):
-    """FIELD_NOTES §2 item 7 with the real format: 5 forwards of W4A4 quantize 14 weights once, inputs 5 times."""
+    """FIELD_NOTES §2 item 7 with the real format: 5 forwards of W4A4 quantize 14 weights once; each distinct
+    activation tensor is quantized once per forward."""
     import quarl.formats
 
     calls = []
@@ -129,7 +130,8 @@ def test_fake_quant_calls_counted_weights_once_inputs_every_forward(monkeypatch,
             for _ in range(5):
                 llama(ids)
         weights = [c for c in calls if len(c) == 2]  # weights are 2-D, activations (B, T, K)
-        assert len(weights) == 14 and len(calls) - len(weights) == 5 * 14
+        # per block and forward, 4 distinct inputs: q/k/v share one, o, gate/up share one, down
+        assert len(weights) == 14 and len(calls) - len(weights) == 5 * 2 * 4
         assert all(s["weight_computations"] == 1 and s["fires"] == {"unset": 5} for s in inj.stats().values())
 
 
@@ -142,3 +144,17 @@ def test_bf16_model_w4a4_runs_and_restores(llama, ids):
         assert out.logits.dtype == torch.bfloat16 and not torch.equal(out.logits, ref)
     assert llama.model.layers[0].mlp.up_proj.weight.grad.dtype == torch.bfloat16
     assert torch.equal(llama(ids).logits, ref)
+
+
+def test_shared_input_quantization_equals_per_module(llama, ids):
+    """q/k/v (and gate/up) reuse one fake-quantized input: bit-identical to quantizing it in every module."""
+    with attach(llama, InjectionSpec(scheme="NVFP4")):
+        shared = llama(ids).logits
+    # pre-hooks registered before attach run first: each module then sees its own copy, so nothing is shared
+    hooks = [m.register_forward_pre_hook(lambda m, a: (a[0].clone(),)) for n, m in llama.named_modules()
+             if n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))]
+    with attach(llama, InjectionSpec(scheme="NVFP4")):
+        per_module = llama(ids).logits
+    for h in hooks:
+        h.remove()
+    assert torch.equal(shared, per_module)

@@ -200,3 +200,13 @@ def test_lora_params_untouched_and_receive_gradients(lora_llama, ids):
         else:
             assert p.grad is None  # frozen base
     inj.detach()
+
+
+@pytest.mark.parametrize("every,measured", [(16, 2), (1, 20)])
+def test_activation_stats_sampling(every, measured):
+    model, x = _mlp(), torch.randn(2, 16)
+    with attach(model, InjectionSpec(**REL, injection_point="input"), stats_every=every) as inj:
+        for _ in range(20):
+            model(x)
+        st = inj.stats()["0"]
+    assert st["fires"] == {"unset": 20} and st["input"]["measured"] == measured  # calls 1 and 17 when every=16

@@ -9,7 +9,8 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quarl import configio
 from quarl.models.build import evaluate
-from quarl.models.load import load_model, testbed_dir
+from quarl.models import load as load_mod
+from quarl.models.load import load_model
 from quarl.models.testbed import DEFAULT_CONFIG, TestbedConfig, held_out
 
 GSM8K_STYLE = (
@@ -29,7 +30,7 @@ def shipped():
 
 
 def test_shipped_files_and_config_match_the_build_defaults():
-    d = testbed_dir()
+    d = load_mod.testbed_dir()
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                  "build_config.yaml", "build_report.md", "loss_curve.png", "report.md"):
         assert (d / name).is_file(), name

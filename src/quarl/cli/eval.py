@@ -18,7 +18,6 @@ from quarl.eval.gsm8k import Scorer
 from quarl.eval.harness import EvalConfig, GenerationConfig, PromptStyle, run_eval
 from quarl.eval.results import summary_lines, write_run
 from quarl.inject import SCHEMES, InjectionSpec, Phase
-from quarl.models.load import load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,6 +77,13 @@ def _run(args: argparse.Namespace) -> int:
           f"({timing['tokens_per_s']:.1f} tokens/s)")
     print(f"results: {out}/summary.json, {out}/samples.jsonl")
     return 0
+
+
+def load_model(spec: str, **kwargs):
+    """Import the loader on use: transformers costs seconds, and every other subcommand would pay it at start-up."""
+    from quarl.models.load import load_model as _load_model
+
+    return _load_model(spec, **kwargs)
 
 
 def _default_out(model: str, quant: str | None) -> Path:

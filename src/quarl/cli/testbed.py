@@ -1,7 +1,7 @@
 """`quarl testbed`: rebuild the embedded testbed model, or print its quantization report.
 
-    quarl testbed build --out testbed_build [--compare]   # ~10 min on 2 CPU cores; reproduces the shipped checkpoint
-    quarl testbed report --n 500                           # the README table (accuracy, 95% CI, format compliance)
+    quarl testbed build --out testbed_build [--compare]  # ~15-20 min on one CPU core; = the shipped checkpoint
+    quarl testbed report --n 500                          # the README table (accuracy, 95% CI, format compliance)
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="testbed_command", metavar="ACTION", required=True)
 
     # --- build ---
-    b = tsub.add_parser("build", help="pre-train the testbed from its seed (deterministic; ~10 min on 2 cores)")
+    b = tsub.add_parser("build", help="pre-train the testbed from its seed (deterministic, 1 thread; ~15-20 min)")
     b.add_argument("--out", type=Path, default=Path("testbed_build"), help="output directory")
     b.add_argument("--compare", action="store_true",
                    help="afterwards, compare the result bit-for-bit with the checkpoint shipped in the package")

@@ -117,6 +117,13 @@ class ErrorModel:
         ste = getattr(ste, "value", ste)  # a SteMode member or its string value
         return cls(spec.error_type, None, get_format(spec.error_type, **options), spec.use_ste, ste)
 
+    @property
+    def deterministic(self) -> bool:
+        """True when e(x) depends on x alone (formats with deterministic rounding), so one result can be shared
+        by every module that reads the same tensor (q/k/v, gate/up)."""
+        rounding = getattr(self.fmt, "rounding", None)
+        return self.fmt is not None and getattr(rounding, "value", rounding) != "stochastic"
+
     def values(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The error-injected values of ``x``, without autograd (for caching and telemetry)."""
         with torch.no_grad():

@@ -21,6 +21,24 @@ from dataclasses import dataclass, field
 import torch
 
 
+def stats_row(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """fp64 [Σx², Σ(q−x)², #zeros(q), numel, max|x|, max|x|/rms(x)] of one (clean, injected) pair."""
+    with torch.no_grad():
+        # flat fp32 views (no copy for fp32 inputs); dot products and count_nonzero avoid temporaries
+        xf = x.detach().reshape(-1).float()
+        qf = q.detach().reshape(-1).float()
+        diff = qf - xf  # the only full-size temporary
+        sig = torch.dot(xf, xf)
+        n = max(xf.numel(), 1)
+        lo, hi = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
+        amax = torch.maximum(-lo, hi)
+        rms = (sig / n).sqrt()
+        return torch.stack([
+            sig, torch.dot(diff, diff), (xf.numel() - torch.count_nonzero(qf)).float(),
+            xf.new_tensor(float(xf.numel())), amax, torch.where(rms > 0, amax / rms, torch.zeros_like(rms)),
+        ]).double()
+
+
 @dataclass
 class TensorStats:
     """Accumulated error statistics of one injected tensor role (weight / input / output) of one module."""
@@ -30,25 +48,15 @@ class TensorStats:
 
     def update(self, x: torch.Tensor, q: torch.Tensor) -> None:
         """Add one (clean, injected) pair."""
-        with torch.no_grad():
-            # flat fp32 views (no copy for fp32 inputs); dot products and count_nonzero avoid temporaries
-            xf = x.detach().reshape(-1).float()
-            qf = q.detach().reshape(-1).float()
-            diff = qf - xf  # the only full-size temporary
-            sig = torch.dot(xf, xf)
-            n = max(xf.numel(), 1)
-            lo, hi = torch.aminmax(xf) if xf.numel() else (xf.new_zeros(()), xf.new_zeros(()))
-            amax = torch.maximum(-lo, hi)
-            rms = (sig / n).sqrt()
-            row = torch.stack([
-                sig, torch.dot(diff, diff), (xf.numel() - torch.count_nonzero(qf)).float(),
-                xf.new_tensor(float(xf.numel())), amax, torch.where(rms > 0, amax / rms, torch.zeros_like(rms)),
-            ]).double()
-            if self._acc is None:
-                self._acc = row
-            else:
-                self._acc[:4] += row[:4]
-                self._acc[4:] = torch.maximum(self._acc[4:], row[4:])
+        self.add(stats_row(x, q))
+
+    def add(self, row: torch.Tensor) -> None:
+        """Add one precomputed `stats_row` (lets modules that read the same tensor share one measurement)."""
+        if self._acc is None:
+            self._acc = row.clone()
+        else:
+            self._acc[:4] += row[:4]
+            self._acc[4:] = torch.maximum(self._acc[4:], row[4:])
         self.measured += 1
 
     def summary(self) -> dict[str, float]:
@@ -71,9 +79,9 @@ class ModuleTelemetry:
     weight_computations: int = 0  # how often the weight error was (re)computed: once per weight version
     roles: dict[str, TensorStats] = field(default_factory=dict)  # 'weight' | 'input' | 'output' -> stats
 
-    def measure(self, role: str, x: torch.Tensor, q: torch.Tensor) -> None:
-        """Record one injected tensor."""
-        self.roles.setdefault(role, TensorStats()).update(x, q)
+    def measure(self, role: str, x: torch.Tensor, q: torch.Tensor, row: torch.Tensor | None = None) -> None:
+        """Record one injected tensor (``row``: its precomputed `stats_row`, if already measured elsewhere)."""
+        self.roles.setdefault(role, TensorStats()).add(stats_row(x, q) if row is None else row)
 
     def summary(self) -> dict:
         """JSON-ready dict."""
