@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order they appear in ``quarl --help``.
-_SUBCOMMANDS = ("formats", "diagnose", "eval", "testbed")
+_SUBCOMMANDS = ("demo", "formats", "diagnose", "eval", "testbed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="quarl",
         description="quarl: quantization-aware RL for LLMs (bit-exact low-bit emulation, injection, GSM8K eval).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v: INFO, -vv: DEBUG)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _SUBCOMMANDS:
         module = importlib.import_module(f"quarl.cli.{name}")
@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # transformers imports torchao when it is installed (a test dependency); its optional-kernel warnings are noise.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -69,9 +69,13 @@ class AccuracyRow:
 
 
 def evaluate(model: Any, tokenizer: Any, problems: list[Problem], label: str = "unquantized (fp32)",
-             scheme: str | None = None, batch_size: int = 64, progress: bool = False) -> AccuracyRow:
-    """Greedy strict accuracy of ``model`` on ``problems`` (optionally under a quarl.inject scheme)."""
-    cfg = EvalConfig(generation=GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size))
+             scheme: str | None = None, batch_size: int = 64, progress: bool = False,
+             max_new_tokens: int = MAX_NEW_TOKENS) -> AccuracyRow:
+    """Greedy strict accuracy of ``model`` on ``problems`` (optionally under a quarl.inject scheme).
+
+    ``max_new_tokens`` caps each completion (EOS included); a truncated completion has no ``#### N`` and counts wrong.
+    """
+    cfg = EvalConfig(generation=GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size))
     spec = InjectionSpec(scheme=scheme) if scheme else None
     t0 = time.perf_counter()
     result = run_eval(model, tokenizer, problems, cfg, spec=spec, progress=progress)
