@@ -6,6 +6,7 @@ worked by hand from its regexes.
 """
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,26 @@ def test_format_score_only_when_extracted():
     assert compute_score("seventy-one", "72", format_score=0.1) == 0.0  # nothing extracted: 0, not format_score
     assert compute_score("#### 72", "72", format_score=0.1, score=2.0) == 2.0
     assert score("#### 71", "72", format_score=0.1) == 0.1
+
+
+def test_compute_score_has_verls_signature_and_return_values():
+    empty = inspect.Parameter.empty
+    assert [(n, p.default) for n, p in inspect.signature(compute_score).parameters.items()] == [
+        ("solution_str", empty), ("ground_truth", empty), ("method", "strict"), ("format_score", 0.0), ("score", 1.0)]
+    nothing = compute_score("no answer here", "1")
+    assert nothing == 0 and type(nothing) is int  # verl: `return 0`
+    right, wrong = object(), object()  # verl returns `score` / `format_score` themselves, unconverted
+    assert compute_score("#### 1", "1", score=right, format_score=wrong) is right
+    assert compute_score("#### 2", "1", score=right, format_score=wrong) is wrong
+
+
+@pytest.mark.parametrize("scorer", [Scorer.STRICT, Scorer.FLEXIBLE])
+def test_score_is_compute_score_for_verl_scorers(scorer):
+    for text, *_ in EXTRACT_TABLE:
+        for gt in ("72", "1234", "1,234", "42.", "7", "8", ","):
+            ours = score(text, gt, scorer, format_score=0.25, correct_score=2.0)
+            assert ours == compute_score(text, gt, scorer.value, format_score=0.25, score=2.0)
+            assert type(ours) is float
 
 
 def test_bad_method_raises():

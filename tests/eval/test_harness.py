@@ -10,7 +10,9 @@ import pytest
 from quarl import configio
 from quarl.data.gsm8k import VERL_GSM8K_INSTRUCTION
 from quarl.data.records import Problem
+from quarl.eval.gsm8k import Scorer
 from quarl.eval.harness import EvalConfig, GenerationConfig, PromptStyle, build_prompt, generate, run_eval
+from quarl.inject import Phase
 from _tiny_lm import tiny_model, tiny_tokenizer
 
 PROMPTS = [
@@ -80,8 +82,14 @@ def test_generation_config_validation():
         GenerationConfig(samples=4)
     with pytest.raises(ValueError):
         GenerationConfig(top_p=0.0, temperature=1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="EvalConfig.scorer must be one of 'strict', 'flexible', 'numeric'"):
         EvalConfig(scorer="lenient")
+    with pytest.raises(ValueError, match="prompt_style must be one of 'auto', 'chat', 'plain'.*did you mean 'chat'"):
+        EvalConfig(prompt_style="chats")
+    with pytest.raises(ValueError, match="EvalConfig.phase must be one of 'rollout', 'training'"):
+        EvalConfig(phase="eval")
+    members = EvalConfig(scorer=Scorer.NUMERIC, prompt_style=PromptStyle.PLAIN, phase=Phase.TRAINING)
+    assert members == EvalConfig(scorer="numeric", prompt_style="plain", phase="training")  # stored as values
     with pytest.raises(ValueError, match="did you mean 'scorer'"):
         EvalConfig.from_dict({"scorr": "strict"})
     cfg = EvalConfig(generation=GenerationConfig(samples=4, temperature=0.7), scorer="numeric")

@@ -8,7 +8,9 @@ import json
 import pytest
 
 from quarl.data.records import Problem
-from quarl.eval.results import (format_ci, read_samples_jsonl, score_sample, summarize, summary_lines, write_run)
+from quarl.eval.metrics import wilson_interval
+from quarl.eval.results import (format_ci, read_samples_jsonl, score_sample, summarize, summary_lines, verl_lines,
+                                write_run)
 
 PROBLEMS = [Problem(f"q{i}", f"#### {gt}", gt, "openai/gsm8k", f"test-{i}") for i, gt in enumerate(["72", "5", "10"])]
 # Planted completions, 2 per problem: (text, finished)
@@ -58,6 +60,22 @@ def test_summary_lines_print_ci_on_every_accuracy():
     assert all("95%" in line and "[" in line for line in acc_lines)
     assert format_ci({"value": 0.5, "ci_low": 0.25, "ci_high": 0.75, "ci": "wilson 95%", "n": 4}) == \
         "50.0% [25.0, 75.0] (wilson 95%, n=4)"
+
+
+def test_verl_core_metrics_carry_a_ci():
+    m = summarize(_samples())
+    assert m["verl_ci"].keys() == {name for name in m["verl"] if name.startswith("val-core/")}
+    assert "val-core/openai/gsm8k/acc/best@2/mean" in m["verl_ci"]
+    for name, ci in m["verl_ci"].items():
+        assert ci["value"] == m["verl"][name] and ci["n"] == 3  # the CI is about verl's number, over 3 problems
+        assert ci["ci_low"] <= ci["value"] <= ci["ci_high"]
+    lines = verl_lines(m)
+    assert len(lines) == len(m["verl_ci"]) and all(" [" in line and "95%, n=3)" in line for line in lines)
+    assert lines[0].startswith("val-core/openai/gsm8k/acc/mean@2 = 0.3333 [")
+    # k = 1: per-problem accuracy is 0/1, so the interval is Wilson's: 2 of 3 correct
+    greedy = [score_sample(p, 0, "", text, 1, True) for p, text in zip(PROBLEMS, ["#### 72", "#### 4", "#### 10"])]
+    ci = summarize(greedy)["verl_ci"]["val-core/openai/gsm8k/acc/mean@1"]
+    assert ci["ci"] == "wilson 95%" and (ci["ci_low"], ci["ci_high"]) == wilson_interval(2, 3)
 
 
 def test_write_run_round_trip_and_no_overwrite(tmp_path):

@@ -14,6 +14,7 @@ import quarl.formats.fake_quant as fake_quant_module
 from quarl.formats import (
     FORMATS, Profile, QFormat, RoundingMode, ScaleMode, dequantize, fake_quantize, get_format, quantize,
 )
+from quarl.formats.blocking import to_blocks
 from quarl.formats.hadamard import hadamard_matrix, rotate
 
 NAMES = ["mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2", "mxint8", "nvfp4", "fp8_e4m3",
@@ -69,6 +70,14 @@ def test_get_format_options_and_enums():
     (lambda: fake_quantize(torch.ones(32), "mxfp4", ste="straight"), r"invalid ste='straight'"),
     (lambda: fake_quantize(torch.ones(32, dtype=torch.int32), "mxfp4"), r"floating-point"),
     (lambda: quantize(torch.ones(32), "mxfp4", global_amax=torch.ones(1)), r"NVFP4 option"),
+    # an out-of-range axis must not wrap around (5 % 2 == -3 % 2 == 1 would silently mean axis 1)
+    (lambda: fake_quantize(torch.ones(4, 64), "mxfp4", axis=5), r"axis=5 is out of range for a 2-D tensor"),
+    (lambda: fake_quantize(torch.ones(4, 64), "mxfp4", axis=-3), r"axis=-3 is out of range for a 2-D tensor"),
+    (lambda: quantize(torch.ones(4, 64), "mxfp4", axis=2), r"axis=2 is out of range for a 2-D tensor"),
+    (lambda: quantize(torch.ones(4, 64), "int4", axis=-3), r"axis=-3 is out of range for a 2-D tensor"),
+    (lambda: fake_quantize(torch.ones(4, 64), "nvfp4", axis=3, hadamard=True), r"axis=3 is out of range"),
+    (lambda: fake_quantize(torch.ones(0, 64), "nf4", axis=2), r"axis=2 is out of range for a 2-D tensor"),
+    (lambda: fake_quantize(torch.ones(64), "fp8_e4m3", granularity="per_channel", axis=1), r"for a 1-D tensor"),
 ])
 def test_invalid_inputs_raise_with_valid_choices(call, match):
     with pytest.raises(ValueError, match=match):
@@ -135,6 +144,16 @@ def test_no_graph_under_no_grad(monkeypatch):
     assert y.grad_fn is None and not y.requires_grad and calls == []
     z = fake_quantize(x, "nvfp4")
     assert z.grad_fn is not None and calls == [1]
+
+
+def test_axis_bounds_negative_and_low_level_helpers():
+    x = _x((64, 32))
+    assert torch.equal(fake_quantize(x, "mxfp4", axis=-2), fake_quantize(x, "mxfp4", axis=0))  # -ndim is valid
+    for axis in (2, -3):  # `axis % ndim` used to map both to a valid axis
+        with pytest.raises(ValueError, match=f"axis={axis} is out of range for a 2-D tensor"):
+            to_blocks(x, axis, 32)
+        with pytest.raises(ValueError, match=f"axis={axis} is out of range"):
+            rotate(x, (1,) * 16, axis)
 
 
 def test_axis_equals_transpose():

@@ -6,6 +6,7 @@ Run: python -m pytest tests/formats/test_fast.py -q            (default: no comp
 """
 
 import logging
+import os
 
 import pytest
 import torch
@@ -16,9 +17,10 @@ from quarl.formats.quantize import fake_quantize_eager
 
 
 @pytest.fixture
-def clean_fast_state(monkeypatch):
-    monkeypatch.setattr(fast, "_compiled", {})
-    monkeypatch.setattr(fast, "_failed", set())
+def clean_fast_state():
+    fast.compiled_for.cache_clear()  # the only state: the bounded memo of compiled formats
+    yield
+    fast.compiled_for.cache_clear()
 
 
 def test_eligibility(monkeypatch, clean_fast_state):
@@ -44,9 +46,35 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, clean_fast_state, capl
     fmt = get_format("nvfp4")
     with caplog.at_level(logging.WARNING, logger="quarl.formats.fast"):
         y = fake_quantize(x, fmt)
+        assert torch.equal(fake_quantize(x, fmt), y)  # second call: eager again, without a second warning
     assert torch.equal(y, fake_quantize_eager(x, fmt))
-    assert "no compiler here" in caplog.text and fmt in fast._failed
-    assert not fast.enabled_for(x, fmt)  # not retried
+    assert caplog.text.count("no compiler here") == 1 and fast.compiled_for(fmt).failed  # not retried
+    assert fast.try_fake_quantize(x, fmt, None, None) is None
+
+
+def test_compiled_formats_are_memoized_per_format(clean_fast_state):
+    # nothing is compiled before the first call, so this test compiles nothing
+    a, b = get_format("mxfp4"), get_format("mxfp4", scale_mode="rceil")
+    assert fast.compiled_for(a) is fast.compiled_for(a) and fast.compiled_for(a) is not fast.compiled_for(b)
+    assert fast.compiled_for(a).name != fast.compiled_for(b).name  # distinct code objects -> distinct Dynamo caches
+    assert fast.compiled_for(get_format("mxfp4")).name == fast.compiled_for(a).name  # stable (on-disk cache hits)
+    assert fast.compiled_for.cache_info().maxsize == fast.MAX_FORMATS and fast.compiled_for.cache_info().currsize == 2
+
+
+def test_no_module_level_mutable_state():
+    # STYLE: formats keeps no globals; the memo above is the one explicit, bounded exception
+    mutable = {n for n, v in vars(fast).items() if isinstance(v, (dict, list, set)) and not n.startswith("__")}
+    assert mutable == set()
+
+
+def test_inductor_cache_dir_default_never_overrides(monkeypatch, tmp_path):
+    monkeypatch.setenv(fast.ENV_CACHE, str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    fast._default_inductor_cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/else")
+    fast._default_inductor_cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/else"
 
 
 def test_cache_dir_is_configurable(monkeypatch, tmp_path):

@@ -21,7 +21,7 @@ def test_w4a4_equals_manual_fake_quant_bit_exactly(fmt):
     manual = fake_quantize(x, fmt) @ fake_quantize(lin.weight.detach(), fmt).t()
     with attach(lin, InjectionSpec(error_type=fmt, injection_point="both")):
         assert torch.equal(lin(x), manual)
-    with inject_ops(InjectionSpec(error_type=fmt, injection_point="both")):
+    with inject_ops(InjectionSpec(error_type=fmt, injection_point="both"), model=lin):
         assert torch.equal(lin(x), manual)
 
 

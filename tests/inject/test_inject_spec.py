@@ -86,3 +86,51 @@ def test_yaml_unknown_key_names_nearest():
 def test_replace_drops_scheme_and_keeps_fields():
     s = InjectionSpec(scheme="NVFP4").replace(targets=("mlp",))
     assert s.scheme is None and s.error_type == "nvfp4" and s.targets == ("mlp",)
+
+
+@pytest.mark.parametrize("kwargs,field,expected", [
+    (dict(use_ste="no"), "use_ste", "bool"),
+    (dict(use_ste=0), "use_ste", "bool"),
+    (dict(quantize_lm_head="false"), "quantize_lm_head", "bool"),
+    (dict(quantize_lm_head=1), "quantize_lm_head", "bool"),
+    (dict(targets=3), "targets", "list of str"),
+    (dict(exclude=("lm_head", 2)), "exclude", "list of str"),
+    (dict(target_classes=None), "target_classes", "list of str"),
+    (dict(target_layers=(True,)), "target_layers", "list of int"),
+    (dict(target_layers="1"), "target_layers", "list of int"),
+    (dict(seed=1.5), "seed", "int"),
+    (dict(seed=True), "seed", "int"),
+    (dict(error_scale="0.1"), "error_scale", "float"),
+    (dict(error_scale=False), "error_scale", "float"),
+    (dict(error_type=4), "error_type", "str"),
+    (dict(format_options=[("block_size", 32)]), "format_options", "mapping"),
+])
+def test_field_types_are_strict(kwargs, field, expected):
+    base = dict(error_type="relative_gaussian", error_scale=0.1)
+    with pytest.raises(ValueError, match=rf"InjectionSpec\.{field} must be .*{expected}.*, got") as err:
+        InjectionSpec(**{**base, **kwargs})
+    assert repr(kwargs[field]) in str(err.value)
+
+
+def test_field_types_accept_the_documented_forms():
+    s = InjectionSpec(error_type="absolute_gaussian", error_scale=1, targets="q_proj", target_layers=[0, 2],
+                      use_ste=False, quantize_lm_head=True, seed=3)
+    assert s.error_scale == 1.0 and isinstance(s.error_scale, float)
+    assert s.targets == ("q_proj",) and s.target_layers == (0, 2) and s.use_ste is False and s.quantize_lm_head
+
+
+@pytest.mark.parametrize("line,field", [
+    ("quantize_lm_head: 'false'", "quantize_lm_head"),
+    ("use_ste: 'no'", "use_ste"),
+    ("targets: 3", "targets"),
+    ("error_scale: 1e-3", "error_scale"),  # YAML 1.1: no dot, so a string
+])
+def test_yaml_wrong_types_raise_naming_the_field(line, field):
+    text = "error_type: relative_gaussian\nerror_scale: 0.1\n" if field != "error_scale" else "error_type: deadzone\n"
+    with pytest.raises(ValueError, match=rf"InjectionSpec\.{field} must be"):
+        InjectionSpec.from_yaml(text + line + "\n")
+
+
+def test_yaml_unquoted_bool_is_a_bool():
+    s = InjectionSpec.from_yaml("error_type: relative_gaussian\nerror_scale: 0.1\nquantize_lm_head: false\n")
+    assert s.quantize_lm_head is False

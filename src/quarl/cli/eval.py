@@ -11,22 +11,27 @@ import argparse
 import dataclasses
 import datetime
 import re
+import sys
 from pathlib import Path
+
+import yaml
 
 from quarl.data.sources import NAMED_SOURCES, load_source
 from quarl.eval.gsm8k import Scorer
 from quarl.eval.harness import EvalConfig, GenerationConfig, PromptStyle, run_eval
-from quarl.eval.results import summary_lines, write_run
+from quarl.eval.results import summary_lines, verl_lines, write_run
 from quarl.inject import SCHEMES, InjectionSpec, Phase
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="GSM8K-format evaluation (verl scoring, CIs, optional quantization)")
     # model and data
     p.add_argument("--model", default="testbed:tiny", help="testbed:tiny | smollm2 | HF id or dir | .gguf")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: checkpoint's)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--data", default="synthetic", help=f"{' | '.join(NAMED_SOURCES)} | path.jsonl | path.parquet")
+    p.add_argument("--data", default="synthetic", help=f"{' | '.join(NAMED_SOURCES)} | path.jsonl | path.parquet | datasets dir | HF dataset id")
     p.add_argument("--split", default="test", choices=("train", "test"), help="data split")
     p.add_argument("--n", type=int, default=500, help="number of problems (0: all of a file/dataset)")
     p.add_argument("--data-seed", type=int, default=None, help="generator seed for synthetic/gsm_symbolic")
@@ -51,24 +56,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    cfg = EvalConfig(generation=gen, scorer=args.scorer, prompt_style=args.prompt_style, phase=args.phase)
-    spec = InjectionSpec.from_yaml(args.spec) if args.spec else (InjectionSpec(scheme=args.scheme) if args.scheme
-                                                                   else None)
-    problems = load_source(args.data, n=args.n or None, split=args.split, seed=args.data_seed)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    try:  # every user-input error (bad spec file, unknown data source or model, used --out) is one line, rc 2
+        cfg, spec, problems, out = _prepare(args)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    except Exception as exc:
+        if not _is_input_error(exc):
+            raise
+        print("quarl eval: " + re.sub(r"\s*\n\s*", " ", str(exc)), file=sys.stderr)  # one line, also for hub errors
+        return 2
     result = run_eval(model, tokenizer, problems, cfg, spec=spec, progress=not args.no_progress)
-    out = args.out or _default_out(args.model, args.scheme or (args.spec and args.spec.stem))
     config = {"model": args.model, "dtype": args.dtype, "device": args.device, "data": args.data,
               "split": args.split, "n": len(problems), "data_seed": args.data_seed,
               "eval": dataclasses.asdict(cfg), "spec": spec.to_dict() if spec else None}
     write_run(out, result.samples, result.metrics, result.quantization, config)
-    for line in summary_lines(result.metrics):
+    for line in summary_lines(result.metrics) + verl_lines(result.metrics):
         print(line)
-    for name, value in result.metrics["verl"].items():
-        if name.startswith("val-core/"):
-            print(f"{name} = {value:.4f}")
     if result.quantization:
         print(f"quantization applied: {result.quantization['modules_injected']} modules, "
               f"{result.quantization['hook_fires']} hook fires in phase {result.quantization['phase']!r}")
@@ -77,6 +79,30 @@ def _run(args: argparse.Namespace) -> int:
           f"({timing['tokens_per_s']:.1f} tokens/s)")
     print(f"results: {out}/summary.json, {out}/samples.jsonl")
     return 0
+
+
+def _prepare(args: argparse.Namespace) -> tuple[EvalConfig, InjectionSpec | None, list, Path]:
+    """Configs, spec, problems and the output directory, each validated before the model is loaded."""
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
+                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    cfg = EvalConfig(generation=gen, scorer=args.scorer, prompt_style=args.prompt_style, phase=args.phase)
+    spec = InjectionSpec.from_yaml(args.spec) if args.spec else (InjectionSpec(scheme=args.scheme) if args.scheme
+                                                                   else None)
+    out = args.out or _default_out(args.model, args.scheme or (args.spec and args.spec.stem))
+    for name in ("summary.json", "samples.jsonl"):  # write_run refuses these too, but only after the whole eval
+        if (out / name).exists():
+            raise FileExistsError(f"{out / name} exists; results are never overwritten (choose another --out)")
+    problems = load_source(args.data, n=args.n or None, split=args.split, seed=args.data_seed)
+    return cfg, spec, problems, out
+
+
+def _is_input_error(exc: Exception) -> bool:
+    """Errors that mean bad input (printed as one line), as opposed to bugs (which keep their traceback)."""
+    if isinstance(exc, (ValueError, OSError, yaml.YAMLError)):
+        return True
+    from quarl.models import ModelNotFoundError  # imported on use only: quarl.models imports transformers
+
+    return isinstance(exc, ModelNotFoundError)
 
 
 def load_model(spec: str, **kwargs):

@@ -89,12 +89,26 @@ def load_hf_gsm8k(path: str = GSM8K_DATA_SOURCE, split: str = "test", name: str 
     Returns:
         Problems with ids ``"{split}-{index}"``.
     """
+    return problems_from_rows(fetch_hf_rows(path, split, name), split, data_source)
+
+
+def fetch_hf_rows(path: str = GSM8K_DATA_SOURCE, split: str = "test", name: str = "main") -> Iterable[dict]:
+    """The rows of a dataset split via ``datasets.load_dataset`` (hub id or local directory); no conversion.
+
+    Every failure here is ``datasets``' own (no such dataset, not cached, no network), which lets
+    :mod:`quarl.data.sources` turn exactly those into a clear message without hiding data-format errors.
+    """
     import datasets  # optional dependency (quarl[data])
 
-    is_local = Path(path).exists()
-    ds = datasets.load_dataset(path, split=split) if is_local else datasets.load_dataset(path, name, split=split)
+    if Path(path).exists():
+        return datasets.load_dataset(path, split=split)
+    return datasets.load_dataset(path, name, split=split)
+
+
+def problems_from_rows(rows: Iterable[dict], split: str, data_source: str = GSM8K_DATA_SOURCE) -> list[Problem]:
+    """GSM8K-layout rows (``question``, full ``#### N`` ``answer``) -> Problems with ids ``"{split}-{index}"``."""
     return [problem_from_qa(row["question"], row["answer"], data_source, f"{split}-{i}", {"split": split, "index": i})
-            for i, row in enumerate(ds)]
+            for i, row in enumerate(rows)]
 
 
 def read_jsonl(path: str | Path, data_source: str = GSM8K_DATA_SOURCE) -> list[Problem]:

@@ -15,7 +15,8 @@ default scorer reproduces ``volcengine/verl: verl/utils/reward_score/gsm8k.py`` 
   number (``"is 42."`` extracts ``"42."``, which is wrong against ``"42"``), and when every match is ``"."`` the loop
   ends on the first match, so ``"."`` is returned.
 - ``compute_score``: 0 when nothing is extracted, ``score`` (1.0) on exact *string* equality with the ground truth,
-  else ``format_score`` (0.0). So ``72.0`` vs ``72`` is wrong, and so is ``072``.
+  else ``format_score`` (0.0). So ``72.0`` vs ``72`` is wrong, and so is ``072``. :func:`compute_score` keeps verl's
+  signature and return values exactly; :func:`score` is the same rule for any :class:`Scorer`, returning floats.
 
 The strict scorer also measures *format compliance* (FIELD_NOTES §2 item 8: a step-0 accuracy of ~8% that was the
 same for BF16 measured whether the model wrote ``####``, not quantization damage). The harness therefore reports
@@ -101,7 +102,12 @@ def extract_answer(text: str, method: str = "strict") -> str | None:
 def compute_score(
     solution_str: str, ground_truth: str, method: str = "strict", format_score: float = 0.0, score: float = 1.0
 ) -> float:
-    """verl's ``compute_score`` for GSM8K: 0 if nothing extracted, ``score`` if equal, else ``format_score``.
+    """verl's ``compute_score`` for GSM8K, same signature and return values: 0 if nothing extracted, ``score`` if
+    equal, else ``format_score``.
+
+    A drop-in for verl's function (e.g. as a verl ``custom_reward_function``): the parameter names and defaults
+    are verl's, and the returned objects are the ones verl returns — the int ``0`` when nothing is extracted,
+    otherwise ``score`` or ``format_score`` exactly as passed (no float conversion).
 
     Args:
         solution_str: the model completion.
@@ -111,15 +117,15 @@ def compute_score(
         score: reward for a correct answer.
 
     Returns:
-        The reward (a float; verl returns the int 0 when nothing is extracted, which equals 0.0).
+        The reward.
 
     >>> compute_score("#### 72", "72"), compute_score("#### 72.0", "72"), compute_score("72", "72")
-    (1.0, 0.0, 0.0)
+    (1.0, 0.0, 0)
     """
     answer = extract_answer(solution_str, method=method)
     if answer is None:
-        return 0.0
-    return float(score) if answer == ground_truth else float(format_score)
+        return 0
+    return score if answer == ground_truth else format_score
 
 
 def numeric_equal(a: str | None, b: str | None) -> bool:
@@ -153,13 +159,29 @@ def score(
 ) -> float:
     """Reward for one completion: ``correct_score`` if correct, ``format_score`` if an answer was extracted, else 0.
 
-    For ``STRICT``/``FLEXIBLE`` this equals verl's ``compute_score`` with the same arguments.
+    quarl's scorer-generic reward, used by evaluation and by :func:`gsm8k_reward` alike. Relation to verl: for
+    ``STRICT``/``FLEXIBLE``, ``score(t, g, Scorer(m), format_score=f, correct_score=s)`` equals verl's
+    ``compute_score(t, g, method=m, format_score=f, score=s)`` (as a float). ``correct_score`` is verl's ``score``
+    argument under another name, because a parameter called ``score`` would shadow this function; where verl's exact
+    signature is needed, use :func:`compute_score`, which has it. ``NUMERIC`` follows the same reward rule with
+    numeric comparison (not verl).
 
-    >>> score("#### 7", "8", format_score=0.1)
-    0.1
+    Args:
+        text: the model completion.
+        ground_truth: the reference final answer.
+        scorer: how the completion is judged (verl strict by default).
+        format_score: reward for an extractable but wrong answer (verl's ``format_score``).
+        correct_score: reward for a correct answer (verl's ``score``).
+
+    Returns:
+        The reward as a float.
+
+    >>> score("#### 7", "8", format_score=0.1), score("#### 8", "8"), score("8", "8")
+    (0.1, 1.0, 0.0)
     """
+    scorer = Scorer(scorer)
     if scorer is not Scorer.NUMERIC:
-        return compute_score(text, ground_truth, scorer.value, format_score=format_score, score=correct_score)
+        return float(compute_score(text, ground_truth, scorer.value, format_score=format_score, score=correct_score))
     if extract_answer(text, "strict") is None:
         return 0.0
     return float(correct_score) if is_correct(text, ground_truth, scorer) else float(format_score)

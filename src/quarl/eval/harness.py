@@ -45,6 +45,7 @@ from quarl.data.gsm8k import VERL_GSM8K_INSTRUCTION
 from quarl.data.records import Problem
 from quarl.eval.gsm8k import Scorer
 from quarl.eval.results import Sample, score_sample, summarize
+from quarl.inject.spec import Phase
 
 logger = logging.getLogger(__name__)
 
@@ -82,19 +83,34 @@ class EvalConfig:
     """What an evaluation does, apart from the model and the data."""
 
     generation: GenerationConfig = GenerationConfig()
-    scorer: str = "strict"  # Scorer value for the per-sample `correct` field; verl metrics always use strict
+    scorer: str = "strict"  # Scorer (or value) for the per-sample `correct` field; verl metrics always use strict
     format_score: float = 0.0  # verl compute_score reward for an extractable but wrong answer
     prompt_suffix: str = VERL_GSM8K_INSTRUCTION  # appended after one space ("" for none)
-    prompt_style: str = "auto"  # PromptStyle value
-    phase: str = "rollout"  # injector phase entered while generating (a quarl.inject Phase value)
+    prompt_style: str = "auto"  # PromptStyle (or value)
+    phase: str = "rollout"  # injector phase entered while generating (a quarl.inject Phase, or value)
 
     def __post_init__(self) -> None:
-        Scorer(self.scorer), PromptStyle(self.prompt_style)  # noqa: B018 -- validates, raising on a bad value
+        # The mode fields accept an enum member or its value and are stored as the value (str), so that the config
+        # stays a plain serializable dataclass (configio.dump_yaml, JSON); code reads them back with Scorer(...) etc.
+        for name, kind in (("scorer", Scorer), ("prompt_style", PromptStyle), ("phase", Phase)):
+            object.__setattr__(self, name, _enum_value(kind, getattr(self, name), f"EvalConfig.{name}"))
 
     @classmethod
     def from_dict(cls, data: dict) -> EvalConfig:
         """Strict construction from a plain dict (unknown keys name the nearest valid key)."""
         return configio.from_dict(cls, data)
+
+
+def _enum_value(kind: type[enum.Enum], value: Any, where: str) -> str:
+    """The string value of ``value`` (a ``kind`` member or value); otherwise a ValueError listing the valid values."""
+    if isinstance(value, kind):
+        return value.value
+    valid = [m.value for m in kind]
+    if value not in valid:
+        hint = configio.nearest(str(value), valid)
+        raise ValueError(f"{where} must be one of {', '.join(map(repr, valid))}; got {value!r}"
+                         + (f" (did you mean {hint!r}?)" if hint else ""))
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

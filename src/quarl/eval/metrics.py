@@ -22,6 +22,8 @@ worst@n/{mean,std}, maj@n/{mean,std} for n = 2, 4, ..., N with 1000 resamples an
 the naming of ``RayPPOTrainer._validate``: ``val-core/{data_source}/{var}/{metric}`` for the core variable
 (``acc`` when present, else ``reward``) and the mean/maj/best metrics at the largest n, ``val-aux/...`` otherwise.
 Note that verl's ``best@N/mean`` is a bootstrap average (resampling WITH replacement), not pass@N.
+:func:`verl_core_intervals` gives each ``val-core`` metric a 95% CI over prompts (verl itself reports none), so the
+CLI can print every verl-named accuracy with its interval.
 """
 
 from __future__ import annotations
@@ -197,6 +199,28 @@ def _verl_uid_metrics(vals: list[float], preds: list[Hashable] | None, n_bootstr
     return metric
 
 
+def verl_per_prompt_metrics(data_sources: Sequence[str], uids: Sequence[Hashable], infos: dict[str, Sequence[Any]],
+                            seed: int = 42, n_bootstrap: int = 1000) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """verl's per-prompt metric values before averaging: ``{data_source: {var: {metric: [one value per prompt]}}}``.
+
+    Args: as :func:`verl_validation_metrics`. The per-prompt values are what :func:`verl_core_intervals` resamples.
+    """
+    grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # src -> uid -> var -> values
+    for i, (src, uid) in enumerate(zip(data_sources, uids, strict=True)):
+        for var, values in infos.items():
+            grouped[src][uid][var].append(values[i])
+    per_src: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # src -> var -> metric -> per-uid
+    for src, uid2vars in grouped.items():
+        for var2vals in uid2vars.values():
+            preds = var2vals.get("pred")
+            for var, vals in var2vals.items():
+                if not vals or isinstance(vals[0], str):
+                    continue
+                for name, value in _verl_uid_metrics(vals, preds, n_bootstrap, seed).items():
+                    per_src[src][var][name].append(value)
+    return {src: {var: dict(metrics) for var, metrics in var2m.items()} for src, var2m in per_src.items()}
+
+
 def verl_validation_metrics(data_sources: Sequence[str], uids: Sequence[Hashable], infos: dict[str, Sequence[Any]],
                             seed: int = 42, n_bootstrap: int = 1000) -> dict[str, dict[str, dict[str, float]]]:
     """verl ``process_validation_metrics``: ``{data_source: {var: {metric: value averaged over prompts}}}``.
@@ -212,25 +236,35 @@ def verl_validation_metrics(data_sources: Sequence[str], uids: Sequence[Hashable
     Returns:
         The nested metric dict.
     """
-    grouped: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # src -> uid -> var -> values
-    for i, (src, uid) in enumerate(zip(data_sources, uids, strict=True)):
-        for var, values in infos.items():
-            grouped[src][uid][var].append(values[i])
-    per_src: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # src -> var -> metric -> per-uid
-    for src, uid2vars in grouped.items():
-        for var2vals in uid2vars.values():
-            preds = var2vals.get("pred")
-            for var, vals in var2vals.items():
-                if not vals or isinstance(vals[0], str):
-                    continue
-                for name, value in _verl_uid_metrics(vals, preds, n_bootstrap, seed).items():
-                    per_src[src][var][name].append(value)
+    per_prompt = verl_per_prompt_metrics(data_sources, uids, infos, seed, n_bootstrap)
     return {src: {var: {m: float(np.mean(v)) for m, v in metrics.items()} for var, metrics in var2m.items()}
-            for src, var2m in per_src.items()}
+            for src, var2m in per_prompt.items()}
 
 
-def verl_metric_names(nested: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+def verl_core_intervals(per_prompt: dict[str, dict[str, dict[str, list[float]]]],
+                        seed: int = 0) -> dict[str, dict[str, Any]]:
+    """A 95% CI for every ``val-core`` metric, over prompts (the independent units), keyed by verl's flat name.
+
+    Wilson when every per-prompt value is 0 or 1 (e.g. ``acc/mean@1``), else a percentile bootstrap over prompts
+    (``mean@k``, verl's bootstrap ``best@k/mean``, ``maj@k/mean``). Each ``value`` equals the verl metric itself.
+
+    Args:
+        per_prompt: :func:`verl_per_prompt_metrics` output.
+        seed: bootstrap seed.
+
+    Returns:
+        ``{"val-core/{data_source}/{var}/{metric}": {"value", "ci_low", "ci_high", "ci", "n"}}``.
+    """
+    cis = {src: {var: {m: _ci("wilson" if set(v) <= {0.0, 1.0} else "bootstrap", np.asarray(v, np.float64), seed)
+                       for m, v in metrics.items()} for var, metrics in var2m.items()}
+           for src, var2m in per_prompt.items()}
+    return {name: ci for name, ci in verl_metric_names(cis).items() if name.startswith("val-core/")}
+
+
+def verl_metric_names(nested: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """Flatten :func:`verl_validation_metrics` output with verl's ``val-core``/``val-aux`` naming (``_validate``).
+
+    Values are carried over unchanged (floats, or the CI dicts of :func:`verl_core_intervals`).
 
     >>> verl_metric_names({"openai/gsm8k": {"acc": {"mean@1": 0.5}, "reward": {"mean@1": 0.5}}})
     {'val-core/openai/gsm8k/acc/mean@1': 0.5, 'val-aux/openai/gsm8k/reward/mean@1': 0.5}

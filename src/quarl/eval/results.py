@@ -91,20 +91,32 @@ def source_metrics(samples: Sequence[Sample], seed: int = 0) -> dict[str, Any]:
     return out
 
 
-def verl_metrics(samples: Sequence[Sample], seed: int = 42) -> dict[str, float]:
-    """verl-named validation metrics; ``acc`` = verl strict correctness, ``reward`` = compute_score, ``pred`` votes."""
+def _verl_per_prompt(samples: Sequence[Sample], seed: int = 42) -> dict:
+    """verl's per-prompt values; ``acc`` = verl strict correctness, ``reward`` = compute_score, ``pred`` votes."""
     infos = {"reward": [s.reward for s in samples], "acc": [float(s.correct_strict) for s in samples],
              "pred": [s.extracted or "" for s in samples]}
-    nested = M.verl_validation_metrics([s.data_source for s in samples], [s.id for s in samples], infos, seed=seed)
-    return M.verl_metric_names(nested)
+    return M.verl_per_prompt_metrics([s.data_source for s in samples], [s.id for s in samples], infos, seed=seed)
+
+
+def _average(per_prompt: dict) -> dict[str, float]:
+    """verl's validation metrics (the mean over prompts), flattened to verl's names."""
+    return M.verl_metric_names({src: {var: {m: float(np.mean(v)) for m, v in metrics.items()}
+                                      for var, metrics in var2m.items()} for src, var2m in per_prompt.items()})
+
+
+def verl_metrics(samples: Sequence[Sample], seed: int = 42) -> dict[str, float]:
+    """verl-named validation metrics; ``acc`` = verl strict correctness, ``reward`` = compute_score, ``pred`` votes."""
+    return _average(_verl_per_prompt(samples, seed))
 
 
 def summarize(samples: Sequence[Sample], seed: int = 0) -> dict[str, Any]:
-    """All metrics: ``{"verl": {...}, "by_source": {data_source: source_metrics}}``."""
+    """All metrics: ``{"verl": {...}, "verl_ci": {val-core name: CI}, "by_source": {data_source: source_metrics}}``."""
     by_source: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_source[s.data_source].append(s)
-    return {"verl": verl_metrics(samples), "by_source": {k: source_metrics(v, seed) for k, v in by_source.items()}}
+    per_prompt = _verl_per_prompt(samples)
+    return {"verl": _average(per_prompt), "verl_ci": M.verl_core_intervals(per_prompt, seed),
+            "by_source": {k: source_metrics(v, seed) for k, v in by_source.items()}}
 
 
 def format_ci(m: dict[str, Any]) -> str:
@@ -123,6 +135,16 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
                 lines.append(f"  {name:<8} {s.value:<9} {format_ci(block[s.value][name])}{tag}")
         lines.append(f"  format compliance (has '#### N')  {format_ci(block['format_rate'])}")
         lines.append(f"  truncated (no EOS)                {format_ci(block['truncated_rate'])}")
+    return lines
+
+
+def verl_lines(metrics: dict[str, Any]) -> list[str]:
+    """``val-core/openai/gsm8k/acc/mean@1 = 0.4120 [0.3700, 0.4560] (wilson 95%, n=500)``: verl's core metrics on
+    verl's 0-1 scale, each with its 95% CI (the ``val-aux`` metrics stay in ``summary.json`` only)."""
+    lines = []
+    for name, m in metrics["verl_ci"].items():
+        lines.append(f"{name} = {metrics['verl'][name]:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
+                     f"({m['ci']}, n={m['n']})")
     return lines
 
 

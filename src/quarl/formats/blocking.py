@@ -30,12 +30,22 @@ class BlockLayout:
     per_tensor: bool
 
 
+def check_axis(axis: int, ndim: int) -> int:
+    """``axis`` normalized to ``[0, ndim)``; ValueError unless ``-ndim <= axis < ndim`` (no silent wrap-around).
+
+    Why: ``axis % ndim`` would let ``axis=5`` or ``axis=-3`` on a 2-D tensor quietly mean axis 1.
+    """
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis} is out of range for a {ndim}-D tensor (valid: {-ndim} <= axis < {ndim})")
+    return axis % ndim
+
+
 def to_blocks(x: torch.Tensor, axis: int, block_size: int, per_tensor: bool = False) -> tuple[torch.Tensor, BlockLayout]:
     """View ``x`` as ``(..., n_blocks, block)`` with blocks along ``axis`` (moved last), zero-padding a partial block.
 
     Args:
         x: tensor of any shape (at least 1-D unless ``per_tensor``).
-        axis: block axis (negative allowed).
+        axis: block axis, ``-x.dim() <= axis < x.dim()`` (ValueError otherwise).
         block_size: elements per block; 0 means the whole axis.
         per_tensor: one block holding every element (``axis``/``block_size`` ignored).
 
@@ -47,7 +57,7 @@ def to_blocks(x: torch.Tensor, axis: int, block_size: int, per_tensor: bool = Fa
         return x.reshape(1, 1, n), BlockLayout(tuple(x.shape), 0, n, n, True)
     if x.dim() == 0:
         raise ValueError("block quantization needs at least a 1-D tensor")
-    ax = axis % x.dim()
+    ax = check_axis(axis, x.dim())
     moved = x.movedim(ax, -1) if ax != x.dim() - 1 else x
     length = moved.shape[-1]
     block = block_size if block_size > 0 else max(length, 1)

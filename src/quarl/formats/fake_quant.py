@@ -9,8 +9,10 @@ because activation fake-quant ran under ``no_grad`` without an STE). The forward
   dequantization multiplier; e.g. MX FLOOR's [6, 8) * 2^s band for FP4).
 
 When no gradient is needed (``torch.no_grad`` or ``x.requires_grad == False``) the autograd.Function is skipped, so
-no graph is built. Large CPU/CUDA tensors use the compiled fast path (``fast.py``) when it is enabled; it is
-bit-identical to the eager path and falls back to it on any failure.
+no graph is built. Large CPU tensors (>= 2^18 elements; CUDA only with ``QUARL_COMPILE=1``) use the compiled fast
+path (``fast.py``); it is bit-identical to the eager path and falls back to it on any failure. Its first call per
+format and process pays a ``torch.compile``: ~10-35 s cold, ~3-11 s once Inductor's on-disk cache holds it (measured
+on a busy 2-core CPU, see ``fast.py``); ``QUARL_COMPILE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from . import fast
 from .blocking import from_blocks, to_blocks
-from .quantize import block_quantize, fake_quantize_eager, resolve_format
+from .quantize import block_quantize, check_input, fake_quantize_eager, resolve_format
 from .registry import QFormat, SteMode
 from .registry import _choice as choice
 
@@ -86,6 +88,12 @@ def fake_quantize(
     Returns:
         Tensor like ``x``, equal bit for bit to ``dequantize(quantize(x, fmt))``.
 
+    Note:
+        The first call with a large CPU tensor (>= 2^18 elements) compiles the fast path for that format, once per
+        process: ~10-35 s on a cold cache, ~3-11 s when Inductor's on-disk cache (``~/.cache/quarl/inductor``) has
+        it (busy 2-core CPU; the upper ends are the first format in a process). ``QUARL_COMPILE=0`` keeps
+        everything eager (same results, no compile).
+
     Example:
         >>> import torch
         >>> fake_quantize(torch.tensor([0.25, 0.75, 1.25, 5.0, 7.0] + [0.0] * 27), "mxfp4")[:5].tolist()
@@ -93,8 +101,7 @@ def fake_quantize(
     """
     fmt = resolve_format(fmt, options)
     ste = choice(SteMode, ste, "ste")
-    if not torch.is_floating_point(x):
-        raise ValueError(f"fake_quantize needs a floating-point tensor, got {x.dtype}")
+    check_input(x, fmt)
     if torch.is_grad_enabled() and x.requires_grad:
         return _FakeQuantSTE.apply(x, fmt, ste, generator, global_amax)
     return _forward(x, fmt, generator, global_amax).to(x.dtype)

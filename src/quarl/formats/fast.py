@@ -10,18 +10,27 @@ fp32 arithmetic by default, and every operation here is exact or a single correc
 When it is used: CPU tensors with at least :data:`MIN_NUMEL` elements, deterministic rounding, no Hadamard rotation,
 and ``QUARL_COMPILE`` not ``0``. CUDA tensors use it only with ``QUARL_COMPILE=1``: Inductor emits Triton there, whose
 fp32 division may be approximate; ``tests/formats/test_fast.py::test_cuda_matches_cpu`` (``gpu``) checks it and has
-not run yet (no GPU was available when this was written). Anything else -- or any exception while compiling or running (no compiler, unsupported
-device) -- falls back to eager; a failure is logged once and that format is not tried again in this process.
+not run yet (no GPU was available when this was written). Anything else -- or any exception while compiling or
+running (no compiler, unsupported device) -- falls back to eager; a failure is logged once and that format's compiled
+path stays off (for as long as it is in the memo below).
 
-Compile cost: paid once per format and process; Inductor's FX-graph and kernel caches persist across processes under
-``$QUARL_CACHE_DIR/inductor`` (default ``~/.cache/quarl/inductor``) unless ``TORCHINDUCTOR_CACHE_DIR`` is already set.
-``QUARL_COMPILE=1`` forces the fast path for every size (used by the tests), ``0`` disables it.
+Compile cost: the first call for a format in a process compiles it. Measured on a busy 2-core CPU (torch 2.13):
+cold cache ~10-15 s per format, ~33 s for the first one in a process (it also pays Dynamo/Inductor start-up); the
+FX-graph and kernel caches then persist on disk, so a later process needs ~3 s per format (~11 s for its first). The
+caches live under ``$QUARL_CACHE_DIR/inductor`` (default ``~/.cache/quarl/inductor``) unless
+``TORCHINDUCTOR_CACHE_DIR`` is already set (see :func:`_default_inductor_cache_dir` for why that is an environment
+variable). ``QUARL_COMPILE=1`` forces the fast path for every size (used by the tests), ``0`` disables it.
+
+State: the compiled functions are memoized by :func:`compiled_for`, an explicit ``functools.lru_cache`` bounded at
+:data:`MAX_FORMATS` formats (``compiled_for.cache_clear()`` resets it); there are no other module globals.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -33,11 +42,9 @@ from .registry import Family, QFormat, RoundingMode
 logger = logging.getLogger(__name__)
 
 MIN_NUMEL = 1 << 18
+MAX_FORMATS = 64  # compiled formats kept per process (a run uses a handful; a rebuilt one reloads from disk)
 ENV_SWITCH = "QUARL_COMPILE"
 ENV_CACHE = "QUARL_CACHE_DIR"
-
-_compiled: dict[QFormat, Callable] = {}
-_failed: set[QFormat] = set()
 
 
 def cache_dir() -> Path:
@@ -46,10 +53,22 @@ def cache_dir() -> Path:
     return Path(root) / "inductor"
 
 
+def _default_inductor_cache_dir() -> None:
+    """Point Inductor's on-disk caches at :func:`cache_dir` unless the user chose a location.
+
+    Why an environment variable: torch 2.13 has no config knob for the local cache location -- every reader goes
+    through ``torch._inductor.runtime.cache_dir_utils.cache_dir()``, which reads ``TORCHINDUCTOR_CACHE_DIR`` (and
+    itself writes the variable back on first use), and compile worker subprocesses receive it through their
+    environment; ``torch._inductor.config.global_cache_dir`` is fbcode-only. ``setdefault`` never overrides a value
+    the user (or torch, once it has compiled anything) already set; torch creates the directory itself.
+    """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir()))
+
+
 def enabled_for(x: torch.Tensor, fmt: QFormat) -> bool:
-    """Whether ``fake_quantize`` would take the compiled path for ``x``."""
+    """Whether ``fake_quantize`` would take the compiled path for ``x`` (before any compile failure)."""
     switch = os.environ.get(ENV_SWITCH, "auto")
-    if switch == "0" or fmt in _failed:
+    if switch == "0":
         return False
     if fmt.rounding is RoundingMode.STOCHASTIC or fmt.hadamard:
         return False
@@ -60,38 +79,60 @@ def enabled_for(x: torch.Tensor, fmt: QFormat) -> bool:
     return switch == "1" or x.numel() >= MIN_NUMEL
 
 
-def _build(fmt: QFormat) -> Callable:
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        path = cache_dir()
-        path.mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+class CompiledFakeQuant:
+    """One format's compiled ``fake_quantize_eager``; after its first failure it stays off (``failed``)."""
 
-    def run(x: torch.Tensor, global_amax: torch.Tensor | None) -> torch.Tensor:
-        return fake_quantize_eager(x, fmt, None, global_amax)
+    def __init__(self, fmt: QFormat) -> None:
+        self.fmt = fmt
+        # stable across processes (a digest of the format's repr), so Inductor's on-disk cache keeps hitting
+        self.name = f"quarl_fake_quantize_{fmt.name}_{zlib.crc32(repr(fmt).encode()):08x}"
+        self.fn: Callable | None = None  # built on the first call, inside the failure guard
+        self.failed = False
 
-    # Dynamo caches compiled graphs per *code object*; closures share one, and its guards do not tell two formats
-    # apart (a torchao-profile call silently reused the compressed-tensors graph). A fresh code object per format
-    # gives every format its own cache.
-    code = run.__code__.replace(co_name=f"quarl_fake_quantize_{len(_compiled)}")
-    fresh = type(run)(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
-    return torch.compile(fresh, dynamic=True, fullgraph=True)
+    def _build(self) -> Callable:
+        _default_inductor_cache_dir()
+        fmt = self.fmt
+
+        def run(x: torch.Tensor, global_amax: torch.Tensor | None) -> torch.Tensor:
+            return fake_quantize_eager(x, fmt, None, global_amax)
+
+        # Dynamo caches compiled graphs per *code object*; closures share one, and its guards do not tell two formats
+        # apart (a torchao-profile call silently reused the compressed-tensors graph). A fresh code object per format
+        # gives every format its own cache.
+        code = run.__code__.replace(co_name=self.name)
+        fresh = type(run)(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
+        return torch.compile(fresh, dynamic=True, fullgraph=True)  # compiles lazily, on its first call
+
+    def __call__(self, x: torch.Tensor, global_amax: torch.Tensor | None) -> torch.Tensor | None:
+        """fp32 fake-quantized ``x``, or None after a compile/runtime failure (logged once; eager takes over)."""
+        if self.failed:
+            return None
+        try:
+            self.fn = self.fn or self._build()
+            return self.fn(x, global_amax)
+        except Exception as err:  # noqa: BLE001 -- any compiler/runtime failure means: use eager
+            logger.warning("quarl.formats: compiled fake_quantize failed for %s (%s); using eager", self.fmt.name, err)
+            self.failed, self.fn = True, None
+            return None
+
+
+@functools.lru_cache(maxsize=MAX_FORMATS)
+def compiled_for(fmt: QFormat) -> CompiledFakeQuant:
+    """The memoized compiled fake-quantizer of ``fmt`` (cheap: nothing is compiled before its first call)."""
+    return CompiledFakeQuant(fmt)
 
 
 def try_fake_quantize(
     x: torch.Tensor, fmt: QFormat, generator: torch.Generator | None, global_amax: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """fp32 fake-quantized ``x`` from the compiled path, or None when not eligible / on failure."""
+    """fp32 fake-quantized ``x`` from the compiled path, or None when not eligible / on failure.
+
+    The first call per format and process compiles (seconds, see the module docstring); later ones reuse it.
+    """
     if not enabled_for(x, fmt) or x.numel() == 0:
         return None
     if fmt.family is Family.NVFP4 and global_amax is None:
         from .nvfp4 import tensor_amax  # the data-dependent finite check stays eager (cheap, one pass)
 
         global_amax = tensor_amax(x)
-    try:
-        fn = _compiled.get(fmt) or _compiled.setdefault(fmt, _build(fmt))
-        return fn(x, global_amax)
-    except Exception as err:  # noqa: BLE001 -- any compiler/runtime failure means: use eager
-        logger.warning("quarl.formats: compiled fake_quantize failed for %s (%s); using eager", fmt.name, err)
-        _failed.add(fmt)
-        _compiled.pop(fmt, None)
-        return None
+    return compiled_for(fmt)(x, global_amax)

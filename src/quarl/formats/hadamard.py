@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .blocking import check_axis
+
 TILE = 16
 
 
@@ -37,12 +39,14 @@ def rotate(x: torch.Tensor, signs: tuple[int, ...], axis: int = -1, inverse: boo
     Args:
         x: fp32 tensor whose ``axis`` length is a multiple of 16.
         signs: 16 values in {+1, -1}.
-        axis: the axis to rotate along.
+        axis: the axis to rotate along (``-x.dim() <= axis < x.dim()``, ValueError otherwise).
         inverse: apply ``R^T`` (undo a rotation).
 
     Returns:
         fp32 tensor of the same shape.
     """
+    if x.dim() > 0:
+        axis = check_axis(axis, x.dim())
     if x.dim() == 0 or x.shape[axis] % TILE:
         raise ValueError(f"hadamard rotation needs the axis length to be a multiple of {TILE}, got shape {tuple(x.shape)}")
     r = hadamard_matrix(signs, x.device)

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from . import mx, nvfp4, scaled
-from .blocking import BlockLayout, BlockQuant, from_blocks, scales_from_layout, scales_to_layout, to_blocks
+from .blocking import (
+    BlockLayout, BlockQuant, check_axis, from_blocks, scales_from_layout, scales_to_layout, to_blocks,
+)
 from .codes import decode, encode
 from .hadamard import rotate
 from .registry import Family, Granularity, QFormat, RoundingMode, get_format
@@ -68,9 +70,16 @@ def _noise(xb: torch.Tensor, fmt: QFormat, generator: torch.Generator | None) ->
     return torch.rand(xb.shape, generator=generator, dtype=torch.float32, device=xb.device)
 
 
-def _check_input(x: torch.Tensor) -> None:
+def check_input(x: torch.Tensor, fmt: QFormat) -> None:
+    """ValueError unless ``x`` is floating point and ``fmt.axis`` indexes one of its dims.
+
+    Checked before the empty-tensor shortcut and the compiled path, so an out-of-range axis fails the same way for
+    every input (per-tensor scaling without rotation ignores the axis; 0-D tensors get ``to_blocks``' error).
+    """
     if not torch.is_floating_point(x):
         raise ValueError(f"quarl.formats quantizes floating-point tensors, got {x.dtype}")
+    if x.dim() > 0 and (fmt.hadamard or not _layout_args(fmt)[2]):
+        check_axis(fmt.axis, x.dim())
 
 
 def block_quantize(
@@ -137,7 +146,7 @@ def quantize(
         QuantizedTensor.
     """
     fmt = resolve_format(fmt, options)
-    _check_input(x)
+    check_input(x, fmt)
     if x.numel() == 0:
         empty = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         return QuantizedTensor(empty, torch.empty(0, device=x.device), None, x.shape, x.dtype, fmt)

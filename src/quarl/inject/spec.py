@@ -21,6 +21,11 @@ default to **MXFP4** (the fork's primary format), NOT compressed-tensors' ``W4A1
 ``scheme="W4A16", error_type="int4", format_options={"group_size": 128}``. A scheme that contradicts an explicitly
 given field (``scheme="NVFP4", error_type="mxfp4"``, ``scheme="W4A16", injection_point="both"``) raises.
 
+Field types are checked strictly before anything else: a bool must be a real bool (YAML's quoted ``'false'`` is a
+truthy string and would silently turn ``quantize_lm_head`` on), an int is never a bool, a float accepts an int, and
+the tuple fields take a list/tuple of their item type (or one bare item). A wrong type raises a ValueError naming the
+field, the value and the expected type.
+
 Error models (see `quarl.inject.errors` for the math): any `quarl.formats` name (fake quantization), or
 ``relative_gaussian`` x·(1 + s·N(0,1)), ``absolute_gaussian`` x + s·N(0,1), ``systematic_bias`` x + s·sign(x),
 ``deadzone`` (zero where |x| < t·max|x|); ``s`` / ``t`` is ``error_scale`` (required for those, forbidden for formats).
@@ -118,16 +123,29 @@ class InjectionSpec:
     seed: int = 0  # seeds the noise models (one generator per module, derived from seed and module name)
 
     def __post_init__(self) -> None:
+        self._check_types()
         self._expand_scheme()
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("injection_point", _enum(InjectionPoint, self.injection_point or "weight", "injection_point"))
         set_("apply_during", _enum(ApplyDuring, self.apply_during, "apply_during"))
-        for name in ("targets", "target_classes", "exclude", "target_layers"):
-            value = getattr(self, name)
-            set_(name, (value,) if isinstance(value, (str, int)) else tuple(value))
-        set_("format_options", dict(self.format_options or {}))
         self._validate_error()
         self._validate_selection()
+
+    # --- types --------------------------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        """Strict field types (YAML's quoted 'false' is a string, and a string is truthy: no coercion, ever)."""
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for name, kind in _SCALAR_TYPES.items():
+            value = getattr(self, name)
+            if not (value is None and name in _OPTIONAL) and not _is(value, kind):
+                raise _type_error(name, value, kind.__name__ + (" or None" if name in _OPTIONAL else ""))
+        if self.error_scale is not None:
+            set_("error_scale", float(self.error_scale))
+        for name, kind in _TUPLE_TYPES.items():
+            set_(name, _tuple_of(name, getattr(self, name), kind))
+        if self.format_options is not None and not isinstance(self.format_options, dict):
+            raise _type_error("format_options", self.format_options, "a mapping of format options")
+        set_("format_options", dict(self.format_options or {}))
 
     # --- scheme expansion -------------------------------------------------------------------------------------------
     def _expand_scheme(self) -> None:
@@ -188,10 +206,8 @@ class InjectionSpec:
                 raise ValueError(f"invalid regex {pattern!r} in targets/exclude: {exc}") from None
         if not self.target_classes:
             raise ValueError("target_classes is empty: no module could ever match (default: ('*Linear',))")
-        if any(not isinstance(i, int) or i < 0 for i in self.target_layers):
+        if any(i < 0 for i in self.target_layers):
             raise ValueError(f"target_layers must be non-negative block indices, got {self.target_layers}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     # --- derived ----------------------------------------------------------------------------------------------------
     @property
@@ -226,6 +242,38 @@ class InjectionSpec:
     def from_dict(cls, data: dict) -> InjectionSpec:
         """Build strictly from a dict (unknown keys name the nearest valid key)."""
         return configio.from_dict(cls, data)
+
+
+_SCALAR_TYPES: dict[str, type] = {"scheme": str, "error_type": str, "use_ste": bool, "quantize_lm_head": bool,
+                                  "error_scale": float, "seed": int}
+_OPTIONAL = ("scheme", "error_type", "error_scale")
+_TUPLE_TYPES: dict[str, type] = {"targets": str, "target_classes": str, "exclude": str, "target_layers": int}
+
+
+def _is(value: Any, kind: type) -> bool:
+    """Strict isinstance: bool only for bool, int never a bool, float accepts int (not bool)."""
+    if kind is bool:
+        return isinstance(value, bool)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+def _type_error(name: str, value: Any, expected: str) -> ValueError:
+    hint = ""
+    if isinstance(value, str) and any(k in expected for k in ("bool", "int", "float")):
+        hint = " (YAML reads quoted values, and exponents without a dot such as 1e-3, as strings: write " \
+               "true/false unquoted, 1.0e-3)"
+    return ValueError(f"InjectionSpec.{name} must be {expected}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def _tuple_of(name: str, value: Any, kind: type) -> tuple:
+    """A tuple of ``kind`` from a list/tuple of them, or from one bare ``kind`` value (``targets="q_proj"``)."""
+    if _is(value, kind):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(_is(v, kind) for v in value):
+        return tuple(value)
+    raise _type_error(name, value, f"a list of {kind.__name__} (or a single {kind.__name__})")
 
 
 def _enum(cls: type[enum.Enum], value: Any, what: str) -> Any:
