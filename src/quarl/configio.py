@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import types
 import typing
 from pathlib import Path
@@ -37,9 +38,11 @@ def unknown_key_error(key: str, valid: typing.Iterable[str], where: str) -> Valu
 
 
 def to_dict(obj: Any) -> Any:
-    """Dataclass (possibly nested) -> plain dict/list/scalars, tuples as lists."""
+    """Dataclass (possibly nested) -> plain dict/list/scalars; tuples as lists, enums as their values."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -57,8 +57,8 @@ def test_greedy_matches_hf_generate(model, tok):
     ours = generate(model, tok, PROMPTS, GREEDY)
     for prompt, row in zip(PROMPTS, ours):
         enc = tok(prompt, return_tensors="pt")
-        out = model.generate(**enc, max_new_tokens=12, do_sample=False, eos_token_id=model.generation_config.eos_token_id,
-                             pad_token_id=tok.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=12, do_sample=False,
+                             eos_token_id=model.generation_config.eos_token_id, pad_token_id=tok.pad_token_id)
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         assert len(new) == row[0].n_tokens
         body = new[:-1] if new[-1] in model.generation_config.eos_token_id else new  # HF keeps the EOS token

@@ -123,7 +123,8 @@ def _ref_process(data_sources, uids, infos, seed=42):
                             metric.update({f"maj@{s}/mean": mm, f"maj@{s}/std": ms})
                 for name, value in metric.items():
                     agg[src][var][name].append(value)
-    return {src: {var: {m: float(np.mean(v)) for m, v in d.items()} for var, d in v2.items()} for src, v2 in agg.items()}
+    return {src: {var: {m: float(np.mean(v)) for m, v in d.items()} for var, d in v2.items()}
+            for src, v2 in agg.items()}
 
 
 def test_verl_validation_metrics_match_verl_transcription():

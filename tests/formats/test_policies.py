@@ -61,6 +61,12 @@ def test_all_zero_tensor_gives_zeros_in_default_profiles(name):
 def test_all_zero_tensor_nvfp4_profiles():
     x = torch.zeros(2, 32)
     assert torch.equal(fake_quantize(x, "nvfp4", profile="transformer_engine"), x)
+    # +0.0 stays +0.0 (the signs of zero are compared too): TE stores T = amax and multiplies by it, and
+    # max(-lo, hi) = max(-0.0, +0.0) used to give T = -0.0, turning every +0.0 into -0.0
+    for profile in ("compressed_tensors", "transformer_engine"):
+        assert not bool(torch.signbit(fake_quantize(x, "nvfp4", profile=profile)).any()), profile
+        assert bool(torch.signbit(fake_quantize(-x, "nvfp4", profile=profile)).all()), profile
+    assert not bool(torch.signbit(quantize(x, "nvfp4", profile="transformer_engine").global_scale).any())
     assert bool(torch.isnan(fake_quantize(x, "nvfp4", profile="torchao")).all())  # torchao's 0/0, reproduced
 
 

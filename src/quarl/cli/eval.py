@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="testbed:tiny", help="testbed:tiny | smollm2 | HF id or dir | .gguf")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    p.add_argument("--data", default="synthetic", help=f"{' | '.join(NAMED_SOURCES)} | path.jsonl | path.parquet | datasets dir | HF dataset id")
+    p.add_argument("--data", default="synthetic",
+                   help=f"{' | '.join(NAMED_SOURCES)} | path.jsonl | path.parquet | datasets dir | HF dataset id")
     p.add_argument("--split", default="test", choices=("train", "test"), help="data split")
     p.add_argument("--n", type=int, default=500, help="number of problems (0: all of a file/dataset)")
     p.add_argument("--data-seed", type=int, default=None, help="generator seed for synthetic/gsm_symbolic")

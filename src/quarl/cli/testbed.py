@@ -1,6 +1,7 @@
 """`quarl testbed`: rebuild the embedded testbed model, or print its quantization report.
 
     quarl testbed build --out testbed_build [--compare]  # ~15-20 min on one CPU core; = the shipped checkpoint
+    quarl testbed build --config my.yaml --out exp1       # a variant (strict TestbedConfig YAML, see build_config.yaml)
     quarl testbed report --n 500                          # the README table (accuracy, 95% CI, format compliance)
 """
 
@@ -19,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     # --- build ---
     b = tsub.add_parser("build", help="pre-train the testbed from its seed (deterministic, 1 thread; ~15-20 min)")
     b.add_argument("--out", type=Path, default=Path("testbed_build"), help="output directory")
+    b.add_argument("--config", type=Path, default=None,
+                   help="build from this TestbedConfig YAML (e.g. a build_config.yaml) instead of the defaults")
     b.add_argument("--compare", action="store_true",
                    help="afterwards, compare the result bit-for-bit with the checkpoint shipped in the package")
     b.set_defaults(func=_build)
@@ -34,15 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _build(args: argparse.Namespace) -> int:
     from quarl.models.build import build_testbed, compare_checkpoints
     from quarl.models.load import testbed_dir
-    from quarl.models.testbed import DEFAULT_CONFIG
+    from quarl import configio
+    from quarl.models.testbed import DEFAULT_CONFIG, TestbedConfig
 
-    bar = tqdm(total=DEFAULT_CONFIG.train.steps, desc="testbed pre-training", unit="step")
+    cfg = DEFAULT_CONFIG if args.config is None else configio.load_yaml(TestbedConfig, args.config)
+    bar = tqdm(total=cfg.train.steps, desc="testbed pre-training", unit="step")
 
     def on_step(step: int, loss: float) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
 
-    report = build_testbed(args.out, DEFAULT_CONFIG, on_step)
+    report = build_testbed(args.out, cfg, on_step)
     bar.close()
     print((args.out / "build_report.md").read_text())
     print(f"wrote {args.out}/ (checkpoint, build_report.md, loss_curve.png) in {report['train_seconds']} s training")

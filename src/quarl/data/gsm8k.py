@@ -126,8 +126,9 @@ def read_jsonl(path: str | Path, data_source: str = GSM8K_DATA_SOURCE) -> list[P
                 if key not in row:
                     raise ValueError(f"{path}:{line_no + 1}: row has no {key!r} (keys: {sorted(row)})")
             gt = str(row["ground_truth"]) if "ground_truth" in row else extract_ground_truth(row["answer"])
-            problems.append(Problem(row["question"], row["answer"], gt, row.get("data_source", data_source),
-                                    str(row.get("id", f"{Path(path).stem}-{len(problems)}")), dict(row.get("meta", {}))))
+            row_id = str(row.get("id", f"{Path(path).stem}-{len(problems)}"))
+            problems.append(Problem(row["question"], row["answer"], gt, row.get("data_source", data_source), row_id,
+                                    dict(row.get("meta", {}))))
     return problems
 
 

@@ -264,7 +264,7 @@ def _perturbations(model: Any, spec: Any, cfg: EvalConfig) -> Iterator[dict[str,
 
 
 def _applied(injector: Any, phase: str) -> dict[str, Any]:
-    """Quantization applied, from the injector's telemetry; raises when a declared injection never fired in ``phase``."""
+    """Quantization applied, from the injector's telemetry; raises if a declared injection never fired in ``phase``."""
     injector.check_fired(phase)  # RuntimeError naming every module whose hook never fired (e.g. apply_during=training)
     stats = injector.stats()  # {fqn: {"fires": {phase: n}, "skipped": ..., "weight"/"input"/"output": {...}}}
     roles = {}

@@ -59,7 +59,9 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0:
         return torch.zeros(1, dtype=torch.float32, device=x.device)
     lo, hi = torch.aminmax(x)  # one pass, no |x| temporary
-    a = torch.maximum(-lo, hi).to(torch.float32)
+    # abs(): for an all-zero tensor max(-lo, hi) can be max(-0.0, +0.0) = -0.0, and TE stores T and multiplies by it,
+    # which turned an all-(+0.0) tensor into -0.0 outputs (found by tests/formats/test_properties.py)
+    a = torch.maximum(-lo, hi).abs().to(torch.float32)
     if not bool(torch.isfinite(a)):
         a = torch.where(torch.isfinite(x), x.abs(), 0.0).amax().to(torch.float32)
     return a.reshape(1)
