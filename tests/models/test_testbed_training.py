@@ -106,3 +106,19 @@ def test_stopping_early_is_a_prefix_of_a_longer_run():
     long = dataclasses.replace(MINI, train=dataclasses.replace(MINI.train, steps=6))
     short = dataclasses.replace(MINI, train=dataclasses.replace(MINI.train, steps=4))
     assert pretrain(short)[2] == pretrain(long)[2][:4]
+
+
+def test_cli_build_from_config_yaml(tmp_path, capsys):
+    """`quarl testbed build --config` trains exactly the YAML's TestbedConfig and records it as build_config.yaml."""
+    from quarl import configio
+    from quarl.cli import main
+
+    cfg = dataclasses.replace(MINI, eval_problems=2)
+    configio.dump_yaml(cfg, tmp_path / "mini.yaml")
+    assert main(["testbed", "build", "--config", str(tmp_path / "mini.yaml"), "--out", str(tmp_path / "out")]) == 0
+    assert configio.load_yaml(TestbedConfig, tmp_path / "out" / "build_config.yaml") == cfg
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    reference = pretrain(cfg)[0]
+    for (name, pa), pb in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(pa, pb), name
+    assert "# quarl testbed build report" in capsys.readouterr().out  # the CLI prints the short report

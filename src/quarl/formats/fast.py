@@ -84,7 +84,7 @@ class CompiledFakeQuant:
 
     def __init__(self, fmt: QFormat) -> None:
         self.fmt = fmt
-        # stable across processes (a digest of the format's repr), so Inductor's on-disk cache keeps hitting
+        # deterministic (a digest of the format's repr), not a build counter that depends on call order
         self.name = f"quarl_fake_quantize_{fmt.name}_{zlib.crc32(repr(fmt).encode()):08x}"
         self.fn: Callable | None = None  # built on the first call, inside the failure guard
         self.failed = False
