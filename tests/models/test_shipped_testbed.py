@@ -73,8 +73,9 @@ def test_greedy_answers_on_held_out_problems(shipped):
     cap = max(_tokens(tok, p.answer) for p in problems) + 8  # room for a slightly longer wrong chain
     row = evaluate(model, tok, problems, batch_size=len(problems), max_new_tokens=cap)
     assert row.formatted == row.n  # every completion ends in '#### N' within the cap
-    # the shipped model scores ~90% on held-out 1-2-step problems (report.md); 12 at p=0.9 fall below 8 w.p. < 0.5%
-    assert row.correct >= 8, row
+    # report.md: 97% on 1-step and 71% on 2-step problems (~84% on this mix, 10/12 here); binomial(12, 0.84) falls
+    # below 7 with probability < 1%
+    assert row.correct >= 7, row
 
 
 @pytest.mark.slow
@@ -83,5 +84,5 @@ def test_greedy_accuracy_on_200_held_out_problems(shipped):
     model, tok = shipped
     row = evaluate(model, tok, held_out(DEFAULT_CONFIG, 200), batch_size=50)
     assert row.formatted >= 0.98 * row.n
-    # report.md: ~80% on 500; binomial(200, 0.8) falls below 0.68 with probability < 1e-4
-    assert row.accuracy >= 0.68, row
+    # report.md: 73.4% on 500; binomial(200, 0.734) falls below 0.62 with probability < 1e-3
+    assert row.accuracy >= 0.62, row

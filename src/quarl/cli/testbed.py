@@ -1,6 +1,6 @@
 """`quarl testbed`: rebuild the embedded testbed model, or print its quantization report.
 
-    quarl testbed build --out testbed_build [--compare]  # ~15-20 min on one CPU core; = the shipped checkpoint
+    quarl testbed build --out testbed_build [--compare]  # ~12-17 min on one CPU core; = the shipped checkpoint
     quarl testbed build --config my.yaml --out exp1       # a variant (strict TestbedConfig YAML, see build_config.yaml)
     quarl testbed report --n 500                          # the README table (accuracy, 95% CI, format compliance)
 """
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = p.add_subparsers(dest="testbed_command", metavar="ACTION", required=True)
 
     # --- build ---
-    b = tsub.add_parser("build", help="pre-train the testbed from its seed (deterministic, 1 thread; ~15-20 min)")
+    b = tsub.add_parser("build", help="pre-train the testbed from its seed (deterministic, 1 thread; ~12-17 min)")
     b.add_argument("--out", type=Path, default=Path("testbed_build"), help="output directory")
     b.add_argument("--config", type=Path, default=None,
                    help="build from this TestbedConfig YAML (e.g. a build_config.yaml) instead of the defaults")

