@@ -65,8 +65,10 @@ def _run(args: argparse.Namespace) -> int:
     report.to_json(out / "diagnose.json")
     text = report.table()
     print("\n".join(text.splitlines()[:6]))
-    print("  ...\n" + "\n".join(line for line in text.splitlines() if line.startswith(("gradient flow", "   1 ",
-                                                                                       "   2 ", "   3 "))))
+    lines = text.splitlines()
+    print("  ...\n" + "\n".join(line for line in lines if line.startswith("gradient flow")))
+    print("most damaging layers when quantized alone (KL vs clean, top-1 agreement):")
+    print("\n".join(line for line in lines if line.startswith(("   1 ", "   2 ", "   3 "))))
     try:
         plot_damage(report, out / "diagnose.png")
     except ImportError:  # matplotlib is optional
