@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 from pathlib import Path
 
 
@@ -47,7 +48,11 @@ def _run(args: argparse.Namespace) -> int:
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / "demo" / stamp
-    out.mkdir(parents=True, exist_ok=False)
+    if out.exists():
+        print(f"quarl demo: {out} already exists; runs never overwrite each other (pick another --out)",
+              file=sys.stderr)
+        return 2
+    out.mkdir(parents=True)
 
     print("[1/3] formats: bit-exact 4-bit emulation error")
     _formats_step()
