@@ -30,13 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _formats_step() -> None:
     import torch
 
-    from quarl.formats import fake_quantize
+    from quarl.formats import error_stats, fake_quantize
 
     x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
     for name in ("mxfp4", "nvfp4"):
-        err = fake_quantize(x, name) - x
-        sqnr = 10 * torch.log10(x.pow(2).sum() / err.pow(2).sum()).item()
-        rel = (err.norm() / x.norm()).item()
+        rel, sqnr, _ = error_stats(x, fake_quantize(x, name))
         print(f"  {name}: relative error {rel:.4f} | SQNR {sqnr:.2f} dB  (N(0,1) 256x512)")
 
 

@@ -14,12 +14,12 @@ does not take (e.g. `--scale-mode` for nvfp4) exits with status 2 and `get_forma
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
 
-from quarl.formats import FORMATS, Family, Profile, QFormat, RoundingMode, ScaleMode, fake_quantize, get_format
+from quarl.formats import (FORMATS, Family, Profile, QFormat, RoundingMode, ScaleMode, error_stats, fake_quantize,
+                           get_format)
 from quarl.formats.spec import NF4_LEVELS, FloatSpec, IntSpec, float_code_table
 
 _SCALE = {Family.MX: "E8M0 (power of two)", Family.NVFP4: "E4M3 x fp32 tensor", Family.SCALED: "fp32 absmax",
@@ -60,7 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"non-negative element values ({len(grid)}): " + " ".join(f"{v:g}" for v in grid))
     if args.sample:
         x = _sample(args.shape, args.dist, args.seed)
-        rel, sqnr, max_abs = _error_stats(x, fake_quantize(x, fmt))
+        rel, sqnr, max_abs = error_stats(x, fake_quantize(x, fmt))
         print(f"sample: {args.dist} {'x'.join(map(str, args.shape))} seed {args.seed}")
         print(f"relative error {rel:.6g} | SQNR {sqnr:.2f} dB | max abs error {max_abs:.6g}")
     return 0
@@ -141,12 +141,3 @@ def _sample(shape: tuple[int, ...], dist: str, seed: int) -> torch.Tensor:
         mask = torch.rand(shape, generator=g) < 0.01
         x = torch.where(mask, x * 10.0 ** (2 + 2 * torch.rand(shape, generator=g)), x)
     return x
-
-
-def _error_stats(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
-    """(relative L2 error, SQNR in dB, max abs error) of `y` against `x`, in float64."""
-    x64, err = x.double(), (y.double() - x.double())
-    signal, noise = float((x64**2).sum()), float((err**2).sum())
-    sqnr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
-    rel = math.sqrt(noise / signal) if signal > 0 else 0.0
-    return rel, sqnr, float(err.abs().max())

@@ -85,6 +85,7 @@ from .registry import (
     get_format,
 )
 from .rounding import RoundingMode
+from .stats import error_stats
 
 __all__ = [
     "FORMATS",
@@ -98,6 +99,7 @@ __all__ = [
     "ScaleMode",
     "SteMode",
     "dequantize",
+    "error_stats",
     "fake_quantize",
     "get_format",
     "pack_fp4",
