@@ -4,19 +4,9 @@ Run: python -m pytest tests/diagnose -q
 """
 
 import pytest
-import torch
 from torch import nn
 
-VOCAB = 128
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB)
-    return LlamaForCausalLM(cfg).eval()
+from _tiny_models import tiny_llama
 
 
 def char_tokenizer():

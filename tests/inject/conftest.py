@@ -7,22 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=128)
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-
-
-def tiny_qwen2(seed: int = 0) -> nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(**TINY)).eval()
+from _tiny_models import TINY, tiny_llama, tiny_qwen2
 
 
 def lora_wrap(model: nn.Module) -> nn.Module:
