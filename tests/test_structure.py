@@ -18,11 +18,13 @@ RANK = {
     "inject": 2,
     "noise": 3,
     "diagnose": 3,
+    "checkpoint": 3,  # compressed-tensors export/load of pre-quantized bases (formats, inject)
     "eval": 4,
     "models": 5,
-    "rl": 5,
-    "cli": 6,
-    "__main__": 7,
+    "runs": 5,  # experiment registry, tables, plots, suites (reads run directories)
+    "rl": 6,  # GRPO + LoRA on TRL (models, runs, eval, noise, inject)
+    "cli": 7,
+    "__main__": 8,
 }
 
 
