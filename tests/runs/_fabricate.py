@@ -46,7 +46,15 @@ def make_run(root: Path, *, config: dict | None = None, seed: int = 0, name: str
     """
     config = copy.deepcopy(config or BASE_CONFIG)
     config["run"] = {**config.get("run", {}), "seed": seed, "name": name}
-    run_dir = root / R.run_id(config, seed, name)
+    return write_run(root / R.run_id(config, seed, name), config, val=val, status=status, steps=steps,
+                     n_problems=n_problems, rewards=rewards, sigma=sigma)
+
+
+def write_run(run_dir: Path, config: dict, *, val: dict[int, float] | None = None, status: str = "finished",
+              steps: int = 8, n_problems: int = 40, rewards: dict[int, float] | None = None,
+              sigma: bool = True) -> Path:
+    """Write a run the way the trainer does into ``run_dir`` (config: resolved, with run.seed / run.name)."""
+    seed, name = config["run"]["seed"], config["run"]["name"]
     R.create_run(run_dir, {"name": name, "seed": seed, "config_hash": R.config_hash(config)})
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     val = {0: 0.30, steps: 0.40} if val is None else val
@@ -77,3 +85,42 @@ def make_run(root: Path, *, config: dict | None = None, seed: int = 0, name: str
         hb["pid"] = dead_pid()
         (run_dir / "heartbeat.json").write_text(json.dumps(hb))
     return run_dir
+
+
+def fake_resolve(base, overrides) -> dict:
+    """Stand-in for the trainer's config resolution: base + ``key=value`` overrides; unknown blocks are errors."""
+    cfg = copy.deepcopy(base if isinstance(base, dict) else yaml.safe_load(Path(base).read_text()))
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        if parents and parents[0] not in BASE_CONFIG:
+            raise ValueError(f"unknown key {parents[0]!r}")
+        node = cfg
+        for k in parents:
+            if node.get(k) is None:
+                node[k] = {}
+            node = node[k]
+        node[leaf] = yaml.safe_load(raw)
+    return cfg
+
+
+def fake_train(config, overrides, out_dir, resume) -> Path:
+    """Stand-in for quarl.rl.train: writes a finished run whose gain is grpo.effect points (+ a seed jitter).
+
+    grpo.crash: true raises; a resumed run gets its final validation and is marked finished.
+    """
+    if resume is not None:
+        rows = R.read_metrics(resume)
+        last = rows[-1]["step"]
+        R.clear_exit(resume)
+        R.heartbeat(resume, last + 1, last + 1)
+        R.append_metrics(resume, {"step": last + 1, "val/acc_strict": 0.5, "val/acc_flexible": 0.5, "val/n": 1000})
+        R.mark_exit(resume, "finished", last + 1)
+        return Path(resume)
+    cfg = fake_resolve(config, overrides)
+    if cfg["grpo"].get("crash"):
+        raise RuntimeError("boom: the fake trainer crashed")
+    effect = float(cfg["grpo"].get("effect", 0.0))
+    seed = cfg["run"]["seed"]
+    final = 0.30 + (effect + 0.5 * (seed % 3 - 1)) / 100
+    return write_run(Path(out_dir), cfg, val={0: 0.30, 4: (0.30 + final) / 2, 8: final}, n_problems=1000)

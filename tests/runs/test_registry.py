@@ -156,3 +156,12 @@ def test_read_run_and_list_runs(tmp_path):
     with pytest.raises(FileNotFoundError):
         R.read_run(tmp_path / "demo")
     assert R.list_runs(tmp_path / "nothing-here") == []
+
+
+def test_identical_config_and_seed_under_another_name_is_refused(tmp_path):
+    a = make_run(tmp_path, seed=0, name="first", status="killed")
+    h = R.config_hash({**BASE_CONFIG, "run": {"seed": 0, "name": "second", "checkpoint_every": 4}})
+    with pytest.raises(R.RunExistsError, match="under another name") as e:
+        R.create_run(tmp_path / "second-x", {"name": "second", "seed": 0, "config_hash": h})
+    assert e.value.path == a and e.value.status is R.RunStatus.KILLED
+    R.create_run(tmp_path / "other-seed", {"name": "second", "seed": 1, "config_hash": h})  # another seed is fine

@@ -183,6 +183,12 @@ def create_run(run_dir: Path, meta: dict) -> Path:
     """
     run_dir = Path(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    twin = _same_config_and_seed(run_dir.parent, meta)
+    if twin is not None and twin != run_dir:
+        status = run_status(twin)
+        raise RunExistsError(twin, status, f"{twin} already holds this config (hash {meta['config_hash'][:HASH_CHARS]})"
+                                           f" and seed {meta['seed']} under another name (status: {status.value}); "
+                                           f"an identical config + seed is one run: use {twin} or change the config")
     try:
         os.mkdir(run_dir)  # the exclusive step: exactly one creator wins
     except FileExistsError:
@@ -193,6 +199,17 @@ def create_run(run_dir: Path, meta: dict) -> Path:
             "argv": list(sys.argv), **meta}
     _write_json_atomic(run_dir / RUN_FILE, info)
     return run_dir
+
+
+def _same_config_and_seed(parent: Path, meta: dict) -> Path | None:
+    """A sibling run directory recording the same config hash and seed (an identical run under another name)."""
+    if meta.get("config_hash") is None or meta.get("seed") is None:
+        return None
+    for info_path in sorted(parent.glob(f"*/{RUN_FILE}")):
+        info = _read_json(info_path)
+        if info and info.get("config_hash") == meta["config_hash"] and info.get("seed") == meta["seed"]:
+            return info_path.parent
+    return None
 
 
 def _exists_error(run_dir: Path) -> RunExistsError:
