@@ -1,0 +1,183 @@
+"""Adaptive quantization noise (AQN, QeRL arXiv 2510.11696): seeded Gaussian noise on RMSNorm gains or linear weights.
+
+What QeRL does (FIELD_NOTES §3): after each weight sync, add N(0, sigma^2) -- one value per hidden channel, drawn in
+fp32 and cast -- in place to every RMSNorm gain of the *rollout* model; training log-probs use the clean norms. A
+noisy norm gain is row-wise multiplicative noise on the q/k/v (shared) and gate/up (shared) weights that follow it.
+
+quarl's version separates when / how much / where (STYLE §3.6):
+- when: `AQNConfig.apply_during` (rollout by default, as QeRL); the trainer enters `AQN.noised(step)` around
+  generation only, and validation never sees noise unless asked for explicitly;
+- how much: sigma = `quarl.noise.sigma_at(step, total_steps, ...)`, a pure function of the optimizer step, times an
+  optional per-layer multiplier; absolute (w + sigma*N) or relative (w + sigma*|w|*N);
+- where: module selection by class-name pattern (``*RMSNorm*`` matches HF's ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` and
+  vLLM's ``RMSNorm``: the fork's ``isinstance(Qwen2RMSNorm)`` matched zero modules in vLLM, FIELD_NOTES §2 item 2),
+  name regexes and block indices; LoRA adapters are never noised.
+
+Noise is resampled once per optimizer step: the generator of each module is seeded from (seed, step, module name),
+so every rollout of one step sees the same perturbation and a resumed run draws the same noise. The clean weights
+are restored by ``copy_`` from a snapshot (never by subtracting: rounding makes that inexact), and the restore is
+checked bit-for-bit. Zero matched modules is an error at construction, as is a schedule that is 0 on every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from quarl import configio
+from quarl.inject.errors import module_seed
+from quarl.inject.select import block_index, is_lora_adapter
+from quarl.noise.schedule import Schedule, check_schedule, sigma_at
+
+logger = logging.getLogger(__name__)
+_TARGETS = ("norm", "linear")
+_APPLY = ("rollout", "both")
+
+
+@dataclasses.dataclass(frozen=True)
+class AQNConfig:
+    """AQN settings (the ``aqn`` block of a train config)."""
+
+    enabled: bool = True  # absent block or enabled: false = off
+    schedule: str = "qerl"  # constant | qerl | linear | cosine (quarl.noise.schedule)
+    sigma_start: float = 1e-2
+    sigma_end: float = 1e-4
+    num_stages: int = 10  # qerl's K
+    target: str = "norm"  # norm: 1-D gains of modules matching target_classes | linear: 2-D weights
+    target_classes: tuple[str, ...] = ("*RMSNorm*",)  # fnmatch on class names (vLLM's RMSNorm too)
+    targets: tuple[str, ...] = ()  # regexes on the qualified name; empty = all
+    exclude: tuple[str, ...] = (r"(^|\.)lm_head$", r"embed")
+    layer_multipliers: dict = dataclasses.field(default_factory=dict)  # {block index: multiplier}; others 1.0
+    relative: bool = False  # False: w + sigma*N(0,1) (QeRL); True: w + sigma*|w|*N(0,1)
+    apply_during: str = "rollout"  # rollout (QeRL) | both (also the training forwards)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        schedule = self.schedule.value if isinstance(self.schedule, Schedule) else self.schedule
+        valid = [s.value for s in Schedule]
+        if schedule not in valid:
+            raise configio.unknown_key_error(str(schedule), valid, "aqn.schedule")
+        object.__setattr__(self, "schedule", schedule)
+        for name, allowed in (("target", _TARGETS), ("apply_during", _APPLY)):
+            if getattr(self, name) not in allowed:
+                raise configio.unknown_key_error(str(getattr(self, name)), allowed, f"aqn.{name}")
+        for name in ("target_classes", "targets", "exclude"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        if not self.target_classes:
+            raise ValueError("aqn.target_classes is empty: no module could ever match")
+        if self.sigma_start < 0 or self.sigma_end < 0:
+            raise ValueError(f"aqn sigmas must be >= 0, got {self.sigma_start}, {self.sigma_end}")
+        bad = {k: v for k, v in self.layer_multipliers.items()
+               if isinstance(k, bool) or not isinstance(k, int) or not isinstance(v, (int, float)) or v < 0}
+        if bad:
+            raise ValueError(f"aqn.layer_multipliers maps block index (int) -> multiplier (>= 0); bad: {bad}")
+        for pattern in self.targets + self.exclude:
+            re.compile(pattern)
+
+    def sigma(self, step: int, total_steps: int) -> float:
+        """sigma for ``step`` (before per-layer multipliers)."""
+        return sigma_at(step, total_steps, schedule=self.schedule, sigma_start=self.sigma_start,
+                        sigma_end=self.sigma_end, num_stages=self.num_stages)
+
+
+def select_aqn_modules(model: nn.Module, cfg: AQNConfig) -> list[tuple[str, nn.Module]]:
+    """``(fqn, module)`` pairs whose ``weight`` AQN perturbs; raises ValueError listing candidates when none match."""
+    targets = [re.compile(p) for p in cfg.targets]
+    exclude = [re.compile(p) for p in cfg.exclude]
+    want_dim = 1 if cfg.target == "norm" else 2
+    chosen = []
+    for fqn, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if is_lora_adapter(fqn) or isinstance(getattr(module, "base_layer", None), nn.Module):
+            continue
+        if not isinstance(weight, torch.Tensor) or weight.dim() != want_dim:
+            continue
+        if not any(fnmatch.fnmatchcase(type(module).__name__, p) for p in cfg.target_classes):
+            continue
+        if any(p.search(fqn) for p in exclude) or (targets and not any(p.search(fqn) for p in targets)):
+            continue
+        chosen.append((fqn, module))
+    if not chosen:
+        classes = sorted({type(m).__name__ for _, m in model.named_modules()})
+        raise ValueError(f"AQN is enabled but matches zero modules (target={cfg.target}, target_classes="
+                         f"{cfg.target_classes}, targets={cfg.targets}, exclude={cfg.exclude}); module classes in "
+                         f"the model: {', '.join(classes)}")
+    return chosen
+
+
+class AQN:
+    """AQN attached to one model for a run of ``total_steps`` optimizer steps (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, cfg: AQNConfig, total_steps: int, start_step: int = 0) -> None:
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self._modules = select_aqn_modules(model, cfg)
+        check_schedule(total_steps, schedule=cfg.schedule, sigma_start=cfg.sigma_start, sigma_end=cfg.sigma_end,
+                       num_stages=cfg.num_stages, start_step=start_step)
+        self.applications = 0  # noised() entries with sigma > 0 (telemetry: proof that it fired)
+        self.last: dict[str, Any] = {}
+        logger.info("AQN: %d modules (%s), schedule %s %.3g -> %.3g, K=%d, %s", len(self._modules), cfg.target,
+                    cfg.schedule, cfg.sigma_start, cfg.sigma_end, cfg.num_stages, cfg.apply_during)
+
+    @property
+    def modules(self) -> list[str]:
+        """Qualified names of the perturbed modules."""
+        return [fqn for fqn, _ in self._modules]
+
+    def sigma(self, step: int) -> float:
+        return self.cfg.sigma(step, self.total_steps)
+
+    def _multiplier(self, fqn: str) -> float:
+        index = block_index(fqn)
+        return float(self.cfg.layer_multipliers.get(index, 1.0)) if index is not None else 1.0
+
+    def _noise(self, fqn: str, weight: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
+        gen = torch.Generator(device=weight.device).manual_seed(module_seed(self.cfg.seed * 1_000_003 + step, fqn))
+        z = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
+        scale = sigma * self._multiplier(fqn)
+        noise = z * scale * (weight.detach().float().abs() if self.cfg.relative else 1.0)
+        return noise.to(weight.dtype)
+
+    @contextlib.contextmanager
+    def noised(self, step: int) -> Iterator[dict[str, Any]]:
+        """Perturb the selected weights in place for the block, then restore them bit-exactly.
+
+        Yields the telemetry dict ``{"aqn/sigma", "aqn/modules", "aqn/noise_norm"}`` (also kept as ``self.last``).
+        With sigma == 0 nothing is touched and ``aqn/modules`` is 0.
+        """
+        sigma = self.sigma(step)
+        stats = {"aqn/sigma": sigma, "aqn/modules": 0, "aqn/noise_norm": 0.0}
+        if sigma == 0.0:
+            self.last = stats
+            yield stats
+            return
+        clean = []
+        sq = 0.0
+        with torch.no_grad():
+            for fqn, module in self._modules:
+                weight = module.weight
+                snapshot = weight.detach().clone()
+                noise = self._noise(fqn, weight, sigma, step)
+                weight.add_(noise)
+                sq += float(noise.float().pow(2).sum())
+                clean.append((weight, snapshot))
+        stats.update({"aqn/modules": len(clean), "aqn/noise_norm": sq ** 0.5})
+        self.applications += 1
+        self.last = stats
+        try:
+            yield stats
+        finally:
+            with torch.no_grad():
+                for weight, snapshot in clean:
+                    weight.copy_(snapshot)  # copy, never subtract: bit-exact, and the Parameter object stays
+            if self.cfg.target == "norm" and not all(torch.equal(w, s) for w, s in clean):
+                raise RuntimeError("AQN: clean weights were not restored bit-exactly")

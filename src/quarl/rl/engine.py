@@ -1,0 +1,186 @@
+"""TRL glue (the one engine-specific module; a verl adapter can follow the same seams).
+
+TRL 1.16's ``GRPOTrainer`` does the algorithm: group advantages, the grpo / dapo / dr_grpo / bnpo losses, clip-higher,
+PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by overriding three methods
+(TRL_NOTES.md §1-4; line numbers refer to trl 1.16.0 ``trainer/grpo_trainer.py``):
+
+1. Explicit phases. ``module.training`` is True during TRL's generation, so it cannot be the signal. The injector is
+   kept in phase ``training``; ``_generate_single_turn`` (the only place TRL generates, G:1763) switches it to
+   ``rollout`` for the duration of generation.
+2. AQN in the rollout only: the same override enters ``AQN.noised(global_step)`` around generation in train mode;
+   the clean gains are restored by copy before TRL's log-prob forwards and the loss.
+3. Rollout-phase log-probs: TRL returns ``logprobs=None`` on the HF path (G:1889), so ``generate`` is wrapped for the
+   call to also return the (temperature-scaled) scores, and the sampled tokens' log-probs are returned to TRL, which
+   pads them into ``sampling_per_token_logps``.
+4. Mismatch, TIS and rollout health: ``_generate_and_score_completions`` computes the training-phase log-probs of the
+   same tokens (one extra no-grad forward, phase ``training``), logs ``mismatch/*``, and with ``tis_cap`` multiplies
+   each token's advantage by the detached truncated ratio (TRL's own IS is gated on ``use_vllm``, G:2660/3146).
+5. Resumable quarl state: ``_save_checkpoint`` adds ``quarl_state.json`` and, after every rank finished writing, a
+   ``quarl_complete`` marker -- TRL's ``get_last_checkpoint`` would return a half-written directory after SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+from importlib import metadata
+from typing import Any
+
+import torch
+from packaging.version import Version
+
+from quarl.rl.health import mismatch_stats, rollout_health, tis_weights
+
+logger = logging.getLogger(__name__)
+TRL_MIN, TRL_MAX = "1.16", "1.17"  # tested range: trl>=1.16,<1.17
+COMPLETE_MARKER = "quarl_complete"
+
+
+def check_trl() -> str:
+    """The installed TRL version; ImportError with the fix when TRL is missing or outside the tested range."""
+    try:
+        version = metadata.version("trl")
+    except metadata.PackageNotFoundError:
+        raise ImportError("quarl train needs TRL: pip install -e '.[train]' (trl>=1.16,<1.17)") from None
+    if not Version(TRL_MIN) <= Version(version) < Version(TRL_MAX):
+        raise ImportError(f"quarl train is built on trl>={TRL_MIN},<{TRL_MAX} (it overrides TRL internals); found "
+                          f"trl {version}. Install the tested range: pip install 'trl>={TRL_MIN},<{TRL_MAX}'")
+    return version
+
+
+check_trl()
+from trl import GRPOTrainer  # noqa: E402  (after the version check, so a wrong TRL fails with the message above)
+
+
+class RolloutHooks:
+    """What quarl adds to a trainer: the injector(s), AQN, and the knobs of the mismatch / TIS / health metrics."""
+
+    def __init__(self, injector: Any = None, aqn: Any = None, tis_cap: float | None = None,
+                 mismatch_cap: float = 2.0) -> None:
+        self.injector = injector
+        self.aqn = aqn
+        self.tis_cap = tis_cap
+        self.mismatch_cap = mismatch_cap
+        self.aqn_stats: dict[str, Any] = {}
+
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.injector.phase(name) if self.injector is not None else contextlib.nullcontext()
+
+
+def _record_scores(model: Any, sink: list) -> None:
+    """Wrap ``model.generate`` (instance attribute) to also return the processed scores into ``sink``."""
+    original = model.generate
+
+    def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+        config = copy.deepcopy(kwargs.pop("generation_config"))
+        config.return_dict_in_generate, config.output_scores = True, True
+        out = original(*args, **kwargs, generation_config=config)
+        sink.append(out.scores)  # tuple of N tensors (B, V): logits after temperature = the sampling distribution
+        return out.sequences
+
+    model.generate = generate
+
+
+def _sampled_logprobs(scores: tuple, completion_ids: list[list[int]]) -> list[list[float]]:
+    logp = torch.log_softmax(torch.stack(scores, dim=1).float(), dim=-1)  # (B, N, V)
+    out = []
+    for i, ids in enumerate(completion_ids):
+        idx = torch.tensor(ids, dtype=torch.long, device=logp.device)  # (n_i,)
+        out.append(logp[i, : len(ids)].gather(-1, idx[:, None]).squeeze(-1).tolist())
+    return out
+
+
+class QuarlGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with explicit phases, rollout-only AQN, rollout log-probs, mismatch / TIS and marked checkpoints."""
+
+    def __init__(self, *args: Any, quarl: RolloutHooks, **kwargs: Any) -> None:
+        self.quarl = quarl
+        super().__init__(*args, **kwargs)
+
+    # --- generation: phase rollout, AQN, log-probs -------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        hooks = self.quarl
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(hooks.phase("rollout"))
+            if hooks.aqn is not None and self.model.training:  # training rollouts only, never evaluation
+                hooks.aqn_stats = stack.enter_context(hooks.aqn.noised(self.state.global_step))
+            if self.use_vllm:  # vLLM returns the sampled tokens' log-probs itself
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            model = self.accelerator.unwrap_model(self.model_wrapped)
+            scores: list = []
+            _record_scores(model, scores)
+            try:
+                ids, _ = super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                       has_tool_images)
+            finally:
+                del model.generate
+        return ids, _sampled_logprobs(scores[0], ids)
+
+    # --- mismatch, TIS, health --------------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        if not self.model.training:
+            return out
+        metrics = self._metrics["train"]
+        mask = out["completion_mask"]  # (B, T)
+        rollout_lp = out.get("sampling_per_token_logps")  # (B, T) or None
+        if rollout_lp is not None:
+            train_lp = out.get("old_per_token_logps")
+            if train_lp is None:
+                train_lp = self._training_logps(out)
+            cap = self.quarl.tis_cap or self.quarl.mismatch_cap
+            for key, value in mismatch_stats(train_lp, rollout_lp, mask, cap).items():
+                metrics[key].append(value)
+            if self.quarl.tis_cap is not None:
+                w = tis_weights(train_lp, rollout_lp, mask, self.quarl.tis_cap)  # (B, T)
+                adv = out["advantages"]
+                out["advantages"] = (adv.unsqueeze(1) if adv.dim() == 1 else adv) * w  # (B, T)
+                metrics["tis/weight_mean"].append(float(w[mask.bool()].mean()) if mask.any() else 1.0)
+        eos = torch.tensor(self.eos_token_ids, device=mask.device)
+        rows = [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], mask)]
+        finished = [bool(r) and r[-1] in eos.tolist() for r in rows]
+        for key, value in rollout_health(rows, finished).items():
+            metrics[key].append(value)
+        for key, value in self.quarl.aqn_stats.items():
+            metrics[key].append(float(value))
+        return out
+
+    @torch.no_grad()
+    def _training_logps(self, out: dict) -> torch.Tensor:
+        """Training-phase log-probs of the sampled tokens (the same computation as the loss, without grad)."""
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], dim=1)  # (B, P+T)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)  # (B, P+T)
+        with self.quarl.phase("training"):
+            logps, *_ = self._get_per_token_logps_and_entropies(
+                self.model, ids, mask, out["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size)
+        return logps  # (B, T)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            aqn = self.quarl.aqn
+            state = {"global_step": self.state.global_step,
+                     "aqn": None if aqn is None else {"step": self.state.global_step, "applications": aqn.applications,
+                                                      "sigma": aqn.sigma(self.state.global_step)},
+                     "prompts_consumed": self.state.global_step * self.args.generation_batch_size
+                     // self.num_generations}
+            with open(os.path.join(folder, "quarl_state.json"), "w") as f:
+                json.dump(state, f)
+        self.accelerator.wait_for_everyone()  # every rank's rng_state_{rank}.pth is on disk
+        if self.args.should_save:
+            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+                f.write("ok\n")
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.quarl.aqn is not None:
+            path = os.path.join(checkpoint, "quarl_state.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.quarl.aqn.applications = (json.load(f).get("aqn") or {}).get("applications", 0)
