@@ -2,6 +2,12 @@
 
     quarl diagnose --model testbed:tiny --scheme MXFP4 [--json out.json] [--plot out.png] [--sensitivity]
     quarl diagnose --model smollm2 --spec my_spec.yaml --sensitivity block --noise --nll
+    quarl diagnose --model ckpt/testbed-nvfp4      # a compressed-tensors checkpoint (see below)
+
+A compressed-tensors checkpoint (``quarl quantize``, llm-compressor) is loaded with its dequantized weights in plain
+linear layers; its scheme is printed, and without --scheme/--spec/--error-type the diagnosed injection is the
+checkpoint's own input quantization (dynamic per-tensor scale), so the report shows what its W4A4 / FP8 activations
+cost on top of its already-quantized weights. A weight-only checkpoint needs an explicit injection.
 
 Exit status 1 when the diagnosis finds an error (a declared injection never fired, gradients cut); 2 for an
 invalid spec or unreadable prompt file.
@@ -68,17 +74,38 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | Non
     return [r["prompt"] for r in rows], refs
 
 
+def _checkpoint_spec(args: argparse.Namespace, info):
+    """The checkpoint's own input quantization as an injection (on its dequantized weights)."""
+    from quarl.inject import InjectionSpec
+
+    scheme = info.scheme
+    if scheme.input_format is None:
+        raise ValueError(f"{args.model} is a weight-only {scheme.name} checkpoint: its quantization is already in the "
+                         "weights; pass --scheme/--spec/--error-type to diagnose an injection on top of it")
+    return InjectionSpec(error_type=scheme.input_format, format_options=dict(scheme.input_options),
+                         injection_point="input", apply_during=args.apply_during, use_ste=not args.no_ste)
+
+
 def _run(args: argparse.Namespace) -> int:
     import quarl.models
+    from quarl.checkpoint import is_compressed_tensors_dir, load_checkpoint
     from quarl.diagnose import diagnose, plot_damage
 
+    checkpoint = is_compressed_tensors_dir(args.model)
+    explicit = bool(args.spec or args.scheme or args.error_type)
     try:
-        spec = _spec(args)
+        spec = _spec(args) if explicit or not checkpoint else None
         prompts, references = _inputs(args)
+        if checkpoint:
+            model, tokenizer, info = load_checkpoint(args.model, dtype=quarl.models.load.resolve_dtype(args.dtype),
+                                                     device=args.device, dense=True)
+            print(f"checkpoint: {info.summary()}")
+            spec = spec or _checkpoint_spec(args, info)
     except (ValueError, OSError) as exc:
         print(f"quarl diagnose: {exc}", file=sys.stderr)
         return 2
-    model, tokenizer = quarl.models.load_model(args.model, dtype=args.dtype, device=args.device)
+    if not checkpoint:
+        model, tokenizer = quarl.models.load_model(args.model, dtype=args.dtype, device=args.device)
     report = diagnose(model, spec, tokenizer=tokenizer, prompts=prompts, references=references,
                       check_gradients=not args.no_grad_check, sensitivity=args.sensitivity,
                       sensitivity_noise=args.noise, noise_scale=args.noise_scale, max_length=args.max_length)

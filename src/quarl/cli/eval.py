@@ -60,6 +60,10 @@ def _run(args: argparse.Namespace) -> int:
     try:  # every user-input error (bad spec file, unknown data source or model, used --out) is one line, rc 2
         cfg, spec, problems, out = _prepare(args)
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        checkpoint = getattr(model, "quarl_checkpoint", None)
+        if checkpoint is not None and spec is not None:
+            raise ValueError(f"{args.model} is a pre-quantized {checkpoint.scheme.name} checkpoint; its weights are "
+                             "already quantized, so --scheme/--spec on top is not supported (evaluate it as is)")
     except Exception as exc:
         if not _is_input_error(exc):
             raise
@@ -68,13 +72,17 @@ def _run(args: argparse.Namespace) -> int:
     result = run_eval(model, tokenizer, problems, cfg, spec=spec, progress=not args.no_progress)
     config = {"model": args.model, "dtype": args.dtype, "device": args.device, "data": args.data,
               "split": args.split, "n": len(problems), "data_seed": args.data_seed,
-              "eval": dataclasses.asdict(cfg), "spec": spec.to_dict() if spec else None}
+              "eval": dataclasses.asdict(cfg), "spec": spec.to_dict() if spec else None,
+              "checkpoint": checkpoint.as_dict() if checkpoint is not None else None}
     write_run(out, result.samples, result.metrics, result.quantization, config)
     for line in summary_lines(result.metrics) + verl_lines(result.metrics):
         print(line)
     if result.quantization:
         print(f"quantization applied: {result.quantization['modules_injected']} modules, "
               f"{result.quantization['hook_fires']} hook fires in phase {result.quantization['phase']!r}")
+    if checkpoint is not None:
+        print(f"checkpoint: {checkpoint.summary()}")
+        print(f"quantization applied: {_packed_calls(model)} packed-module forwards ({checkpoint.scheme.name})")
     timing = result.metrics["timing"]
     print(f"generated {timing['generated_tokens']} tokens in {timing['wall_s']:.1f}s "
           f"({timing['tokens_per_s']:.1f} tokens/s)")
@@ -95,6 +103,13 @@ def _prepare(args: argparse.Namespace) -> tuple[EvalConfig, InjectionSpec | None
             raise FileExistsError(f"{out / name} exists; results are never overwritten (choose another --out)")
     problems = load_source(args.data, n=args.n or None, split=args.split, seed=args.data_seed)
     return cfg, spec, problems, out
+
+
+def _packed_calls(model) -> int:
+    """Forwards run by a checkpoint's packed modules (the quantization actually applied, like hook telemetry)."""
+    from quarl.checkpoint import CompressedLinear
+
+    return sum(m.calls for m in model.modules() if isinstance(m, CompressedLinear))
 
 
 def _is_input_error(exc: Exception) -> bool:

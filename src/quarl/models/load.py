@@ -9,6 +9,9 @@
   (Q4_1) into a ``LlamaForCausalLM`` with its chat template; that takes ~10 s, so the result is converted once to a
   safetensors directory under ``$QUARL_CACHE`` (default ``~/.cache/quarl``) and later loads read that directory.
 - a path to a ``.gguf`` file: loaded through transformers' GGUF support (needs the ``gguf`` package).
+- a compressed-tensors checkpoint directory (``quarl quantize`` or llm-compressor output), recognized by the
+  ``quantization_config`` in its ``config.json`` (never by its name): loaded by ``quarl.checkpoint.load_checkpoint``
+  with packed, frozen ``CompressedLinear`` modules; ``model.quarl_checkpoint`` describes the scheme.
 - a local directory or a Hugging Face hub id: ``AutoModelForCausalLM`` + ``AutoTokenizer``. When ``HF_HUB_OFFLINE``
   is set, only the local cache is consulted (``local_files_only=True``) and a missing model is a clear error.
 
@@ -28,6 +31,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from quarl.checkpoint import is_compressed_tensors_dir, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,9 @@ def load_model(spec: str, *, dtype: str | torch.dtype | None = None, device: str
         model, tok = _from_dir(_smollm2_dir(), torch_dtype)
     elif spec.endswith(".gguf"):
         model, tok = _from_gguf(Path(spec), torch_dtype)
+    elif is_compressed_tensors_dir(spec):
+        model, tok, info = load_checkpoint(spec, dtype=torch_dtype)
+        log.info("%s", info.summary())
     elif Path(spec).is_dir():
         model, tok = _from_dir(Path(spec), torch_dtype)
     else:
