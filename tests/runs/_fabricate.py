@@ -110,6 +110,7 @@ def fake_train(config, overrides, out_dir, resume) -> Path:
     grpo.crash: true raises; a resumed run gets its final validation and is marked finished.
     """
     if resume is not None:
+        assert config is None and not overrides and out_dir is None, "quarl.rl.train refuses these with resume"
         rows = R.read_metrics(resume)
         last = rows[-1]["step"]
         R.clear_exit(resume)

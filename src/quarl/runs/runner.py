@@ -5,7 +5,7 @@ in as ``resolve`` so this module stays below ``quarl.rl``), hence a config hash 
 ``root/<run id>`` whose computed status decides the action:
 
     no directory     RUN      runner(base, overrides, out_dir=root/<id>, resume=None)
-    killed           RESUME   runner(base, overrides, out_dir=None, resume=root/<id>)
+    killed           RESUME   runner(None, [], out_dir=None, resume=root/<id>)
     failed           SKIP     (RESUME with retry_failed: a crash is usually not transient, so it is opt-in)
     running          SKIP     another process owns it
     finished         SKIP     immutable
@@ -100,9 +100,9 @@ def plan(suite: Suite, resolve: Resolver, root: Path, retry_failed: bool = False
 def _call(runner: Runner, base: dict | str, p: PlannedRun) -> Path:
     if p.action is Action.RUN:
         return Path(runner(base, list(p.overrides), p.path, None))
-    if p.status is R.RunStatus.FAILED:
-        R.clear_exit(p.path)  # retry_failed: the resumed run owns the directory again
-    return Path(runner(base, list(p.overrides), None, p.path))
+    # A resume continues with the run's own resolved config.yaml: no config, overrides or out_dir (the trainer
+    # refuses the combination), and the trainer itself clears a failed run's exit record.
+    return Path(runner(None, [], None, p.path))
 
 
 def execute(suite: Suite, planned: Sequence[PlannedRun], runner: Runner, jobs: int = 1,
