@@ -142,3 +142,18 @@ def test_parallel_jobs_in_spawned_processes(tmp_path):
     outcomes = X.execute(suite, X.plan(suite, fake_resolve, tmp_path), fake_train, jobs=2)
     assert [o.error for o in outcomes] == [None, None]
     assert all(R.run_status(o.path) is R.RunStatus.FINISHED for o in outcomes)
+
+
+def test_a_new_config_default_does_not_orphan_existing_runs(tmp_path):
+    """A field added to the config (new default) changes the hash; the suite still finds the run by re-resolving."""
+    suite = S.parse_suite({"name": "n", "base": BASE_CONFIG, "seeds": 1, "cells": [{"name": "a"}]})
+    (p,) = X.plan(suite, fake_resolve, tmp_path)
+    X.execute(suite, [p], fake_train)
+
+    def newer_resolve(base, overrides):  # the trainer grew grpo.new_knob with a default
+        cfg = fake_resolve(base, overrides)
+        cfg["grpo"].setdefault("new_knob", 1)
+        return cfg
+
+    (again,) = X.plan(suite, newer_resolve, tmp_path)
+    assert again.run_id != p.run_id and again.path == p.path and again.action is X.Action.SKIP

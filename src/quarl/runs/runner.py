@@ -47,7 +47,7 @@ class PlannedRun:
     overrides: tuple[str, ...]  # the cell's overrides + run.seed + run.name
     config_hash: str
     run_id: str
-    path: Path  # root / run_id
+    path: Path  # root / run_id (or an older directory of the same experiment, see _same_run_elsewhere)
     status: R.RunStatus | None  # None: not started
     action: Action
 
@@ -86,6 +86,8 @@ def plan(suite: Suite, resolve: Resolver, root: Path, retry_failed: bool = False
         seen[(h, seed)] = name
         rid = R.run_id(config, seed, name)
         path = root / rid
+        if not (path / R.RUN_FILE).exists():
+            path = _same_run_elsewhere(root, name, seed, h, resolve) or path
         status = R.run_status(path) if (path / R.RUN_FILE).exists() else None
         if status is None:
             action = Action.RUN
@@ -95,6 +97,24 @@ def plan(suite: Suite, resolve: Resolver, root: Path, retry_failed: bool = False
             action = Action.SKIP
         out.append(PlannedRun(cell, seed, tuple(overrides), h, rid, path, status, action))
     return out
+
+
+def _same_run_elsewhere(root: Path, name: str, seed: int, h: str, resolve: Resolver) -> Path | None:
+    """A run of this cell and seed whose recorded config, resolved again today, has hash ``h``.
+
+    A new config field with a default changes every hash; re-resolving the run's own config.yaml through the current
+    loader recognises it as the same experiment instead of running it again.
+    """
+    for candidate in sorted(root.glob(f"{name}-*-s{seed}")):
+        info = R._read_json(candidate / R.RUN_FILE) or {}
+        if info.get("name") != name or info.get("seed") != seed or not (candidate / "config.yaml").exists():
+            continue
+        try:
+            if R.config_hash(resolve(candidate / "config.yaml", [])) == h:
+                return candidate
+        except (ValueError, TypeError, KeyError) as e:  # an old config the loader no longer accepts
+            log.info("%s: its config no longer resolves (%s); not the same run", candidate, e)
+    return None
 
 
 def _call(runner: Runner, base: dict | str, p: PlannedRun) -> Path:
