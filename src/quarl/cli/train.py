@@ -17,7 +17,8 @@ EXAMPLES = {"w4a4": "testbed_w4a4.yaml", "tis": "testbed_w4a4_tis.yaml"}
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="GRPO + LoRA training under emulated quantization (TRL)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", nargs="?", help="train config YAML (blocks: model data injection aqn lora grpo eval run)")
+    p.add_argument("config", nargs="?",
+                   help="train config YAML, or - for stdin (blocks: model data injection aqn lora grpo eval run)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
                    help="override one config value (strict: unknown keys are errors); repeatable")
     p.add_argument("--out", help="run directory (default runs/<name>-<config hash>-s<seed>; never overwritten)")
@@ -58,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         from quarl.rl.engine import check_trl
 
         check_trl()
-        run_dir = train(args.config, args.overrides, args.out, args.resume)
+        config = sys.stdin.read() + "\n" if args.config == "-" else args.config  # "-": YAML on stdin
+        run_dir = train(config, args.overrides, args.out, args.resume)
     except (ValueError, FileNotFoundError, FileExistsError, ImportError, RuntimeError) as exc:
         print(f"quarl train: error: {exc}", file=sys.stderr)
         return 2
