@@ -7,10 +7,9 @@ them back into a :class:`quarl.formats.QuantizedTensor`, so ``dequantize`` of it
 
 Layout conversions (all exact bit manipulations, no arithmetic on values):
 
-* FP4 (NVFP4, MXFP4): ``quarl.formats.pack_fp4`` already writes compressed-tensors' ``pack_fp4_to_uint8`` layout.
-  quarl keeps the sign of zero (code 8 for ``-0.0``); compressed-tensors' FP4 cast returns +0 (FORMATS.md §6 #10),
-  so ``-0.0`` codes are written as +0 (code 0) to match its packer byte for byte. Both decode to a zero; the
-  dequantized value differs only in the sign of that zero.
+* FP4 (NVFP4, MXFP4): ``quarl.formats.pack_fp4`` already writes compressed-tensors' ``pack_fp4_to_uint8`` layout,
+  codes included: a small negative weight that rounds to zero is code 8 (``-0``) in both (its packer takes the sign
+  from ``signbit``), which is what llm-compressor's output holds too.
 * INT4 (``pack-quantized``): quarl's two's-complement nibble ``c`` becomes compressed-tensors' offset value
   ``c ^ 8`` (= ``q + 8``); eight per int32 word, element ``k`` at bits ``4k``, rows zero-padded to a multiple of 32
   elements (``pack_to_int32``).
@@ -51,11 +50,14 @@ def compress_weight(weight: torch.Tensor, scheme: CheckpointScheme,
         if weight.shape[1] % q.fmt.block_size:
             raise ValueError(f"{scheme.name}: in_features {weight.shape[1]} is not a multiple of the block size "
                              f"{q.fmt.block_size}; compressed-tensors cannot store a partial block")
-        out = {"weight_packed": pack_fp4(torch.where(q.codes == 8, torch.zeros_like(q.codes), q.codes)),
+        out = {"weight_packed": pack_fp4(q.codes),
                "weight_scale": q.scales}
         if q.global_scale is not None:
             out["weight_global_scale"] = q.global_scale.reshape(1)
     elif scheme.ct_format == "pack-quantized":
+        if weight.shape[1] % q.fmt.block_size:  # compressed-tensors' and vLLM's group kernels refuse a partial group
+            raise ValueError(f"{scheme.name}: in_features {weight.shape[1]} is not a multiple of the group size "
+                             f"{q.fmt.block_size}; compressed-tensors cannot store a partial group")
         out = {"weight_packed": pack_int4(q.codes), "weight_scale": q.scales,
                "weight_shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
     else:  # float-quantized FP8
