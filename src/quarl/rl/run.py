@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +261,8 @@ def train(config: str | Path | dict | TrainConfig | None = None, overrides: list
         out_dir: the run directory (default ``runs/<id>`` from the config hash and seed; never overwritten).
         resume: an existing run directory to continue from its newest complete checkpoint.
     """
+    for message in ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)  # transformers 5.x rename noise
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if isinstance(config, TrainConfig):

@@ -1,0 +1,141 @@
+"""`quarl train` on the shipped testbed: phases, frozen base, AQN telemetry, mismatch, run directory, strictness."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from quarl.rl import load_config, train
+from quarl.runs import RunExistsError, RunFinishedError, read_metrics, run_status
+
+
+def _base_params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+
+
+def test_base_frozen_adapters_trained_injection_on_base_layer(tmp_path, tiny):
+    from quarl.rl.run import _build
+
+    cfg = load_config("injection: {scheme: MXFP4}\naqn: {schedule: constant, sigma_start: 0.01}\n", tiny)
+    (tmp_path / "metrics.jsonl").touch()
+    trainer, recorder, hooks, model = _build(cfg, tmp_path, 0)
+    base = _base_params(model)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    recorder.close()
+    after = dict(model.named_parameters())
+    assert all(torch.equal(base[n], after[n]) for n in base), "base weights changed during training"
+    assert any(not torch.equal(lora[n], after[n]) for n in lora), "LoRA adapters did not train"
+    mods = hooks.injector.modules
+    assert len(mods) == 6 * 7 and all(m.endswith("base_layer") for m in mods) and not any("lora_" in m for m in mods)
+    stats = hooks.injector.stats()
+    assert all(s["fires"].get("rollout", 0) > 0 and s["fires"].get("training", 0) > 0 for s in stats.values())
+    assert hooks.aqn.applications == 2  # once per optimizer step, in the rollout only
+    rows = [r for r in read_metrics(tmp_path) if r["step"] >= 1]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["aqn/sigma"] == 0.01 and r["aqn/modules"] == 13 and r["aqn/noise_norm"] > 0
+        assert r["mismatch/kl"] > 0  # AQN perturbs the rollout only: the training-phase log-probs differ
+        assert {"reward/mean", "loss", "grad_norm", "time/s_per_step", "rollout/degenerate_rate"} <= set(r)
+    assert "val/acc_strict" in rows[-1]  # the final step is always validated
+
+
+def test_rollout_only_injection_skips_training_forwards(tmp_path, tiny):
+    from quarl.rl.run import _build
+
+    cfg = load_config("injection: {scheme: MXFP4, apply_during: rollout}\ngrpo: {tis_cap: 1.5}\n",
+                      tiny + ["grpo.steps=1"])
+    (tmp_path / "metrics.jsonl").touch()
+    trainer, recorder, hooks, _ = _build(cfg, tmp_path, 0)
+    trainer.train()
+    recorder.close()
+    stats = hooks.injector.stats().values()
+    assert all(s["fires"].get("rollout", 0) > 0 and s["fires"].get("training", 0) == 0 for s in stats)
+    assert all(s["skipped"].get("training", 0) > 0 for s in stats)
+    row = read_metrics(tmp_path)[-1]
+    assert row["mismatch/kl"] > 1e-4 and row["mismatch/ratio_max"] > 1.0  # quantized rollout vs fp32 training
+    assert 0 < row["tis/weight_mean"] <= 1.5
+
+
+def test_without_injection_rollout_and_training_logps_agree(tmp_path, tiny):
+    from quarl.rl.run import _build
+
+    cfg = load_config(None, tiny + ["grpo.steps=1"])
+    (tmp_path / "metrics.jsonl").touch()
+    trainer, recorder, hooks, _ = _build(cfg, tmp_path, 0)
+    trainer.train()
+    recorder.close()
+    row = read_metrics(tmp_path)[-1]
+    assert hooks.injector is None
+    assert row["mismatch/kl"] < 1e-6 and abs(row["mismatch/ratio_max"] - 1) < 1e-3  # same model, same tokens
+
+
+def test_run_directory_is_complete_and_immutable(tmp_path, tiny):
+    out = tmp_path / "run"
+    run_dir = train("injection: {scheme: NVFP4}\n", tiny, out)
+    assert run_dir == out and run_status(out).value == "finished"
+    for name in ("config.yaml", "env.json", "metrics.jsonl", "train.log", "run.json", "exit.json"):
+        assert (out / name).exists(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert (out / "checkpoints" / "checkpoint-2" / "quarl_complete").exists()
+    assert json.loads((out / "env.json").read_text())["trl"].startswith("1.16")
+    resolved = load_config(out / "config.yaml")
+    assert resolved.injection.error_type == "nvfp4" and resolved.grpo.steps == 2
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    vals = [r for r in rows if "val/acc_strict" in r]
+    assert [r["step"] for r in vals] == [0, 2]  # step 0 and the final step (eval.every=10 > steps)
+    for r in vals:
+        assert r["val/n"] == 8 and r["val/acc_strict_lo"] <= r["val/acc_strict"] <= r["val/acc_strict_hi"]
+        assert r["val/quant_modules"] == 42 and r["val/quant_fires"] > 0  # the declared quantization was applied
+        assert any(k.startswith("val-core/") and k.endswith("/acc/mean@1") for k in r)
+        ids = [json.loads(x)["id"] for x in (out / "eval" / f"step-{r['step']}.jsonl").read_text().splitlines()]
+        assert len(ids) == 8
+    with pytest.raises(RunExistsError):
+        train("injection: {scheme: NVFP4}\n", tiny, out)
+    with pytest.raises(RunFinishedError):
+        train(resume=out)
+
+
+def test_default_run_id_and_unknown_set_key(tmp_path, tiny, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="did you mean 'max_new_tokens'"):
+        train(None, tiny + ["grpo.max_new_token=3"])
+    assert not (tmp_path / "runs").exists()  # nothing created for an invalid config
+    run_dir = train(None, tiny + ["grpo.steps=1", "run.name=E0"])
+    assert run_dir.parent.name == "runs" and run_dir.name.startswith("E0-") and run_dir.name.endswith("-s0")
+
+
+def test_aqn_matching_nothing_fails_before_step_1(tmp_path, tiny):
+    with pytest.raises(ValueError, match="matches zero modules"):
+        train("aqn: {target_classes: [Qwen2RMSNorm]}\n", tiny, tmp_path / "r")
+    assert run_status(tmp_path / "r").value == "failed"
+    assert not [r for r in read_metrics(tmp_path / "r") if r.get("step", 0) >= 1]
+
+
+def test_aqn_that_never_fires_fails_at_setup(tmp_path, tiny):
+    with pytest.raises(ValueError, match="sigma is 0 on every step"):
+        train("aqn: {enabled: true}\n", tiny + ["grpo.steps=1"], tmp_path / "r")  # qerl stage 0 covers the run
+
+
+def test_training_prompts_tokenize_exactly_like_evaluation():
+    from quarl.data.sources import load_source
+    from quarl.eval.harness import build_prompt
+    from quarl.models import load_model
+    from quarl.rl.run import _prompts
+
+    _, tok = load_model("testbed:tiny")
+    problems = load_source("synthetic", 5, "train")
+    for row, p in zip(_prompts(tok, problems), problems):
+        trl_ids = tok.apply_chat_template([row["prompt"]], add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"][0]
+        eval_ids = tok(build_prompt(tok, p.question), add_special_tokens=False)["input_ids"]
+        assert list(trl_ids) == eval_ids and row["ground_truth"] == p.ground_truth
+
+
+def test_resolved_config_yaml_reloads(tmp_path, tiny):
+    cfg = load_config("injection: {scheme: MXFP4, use_ste: false}\n", tiny)
+    text = cfg.to_yaml()
+    assert load_config(yaml.safe_load(text)) == cfg
