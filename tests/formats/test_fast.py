@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quarl.formats import fake_quantize, get_format
-from quarl.formats import fast
+from quarl.formats import fast, native
 from quarl.formats.quantize import fake_quantize_eager
 
 
@@ -42,6 +42,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, clean_fast_state, capl
 
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setenv(fast.ENV_SWITCH, "1")
+    monkeypatch.setenv(native.ENV_SWITCH, "0")  # nvfp4 would otherwise take the native kernel first
     x = torch.randn(4, 64)
     fmt = get_format("nvfp4")
     with caplog.at_level(logging.WARNING, logger="quarl.formats.fast"):

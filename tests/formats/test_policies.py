@@ -25,10 +25,11 @@ def _block_of(name):
 @pytest.mark.parametrize("name", DEFAULTS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_poisons_only_its_block(name, bad):
+    # nvfp4's default is nonfinite="reference" (tests/formats/test_policies_nonfinite.py); "block" is this policy
     x = _rows(4, 128)
     x[1, 3] = bad
-    y = fake_quantize(x, name)
-    fmt = get_format(name)
+    fmt = get_format(name, nonfinite="block") if name == "nvfp4" else get_format(name)
+    y = fake_quantize(x, fmt)
     if fmt.granularity.value == "per_tensor" and fmt.family.value == "scaled":
         assert bool(torch.isnan(y).all())  # the whole tensor is one group
         return
@@ -38,15 +39,15 @@ def test_nonfinite_poisons_only_its_block(name, bad):
     mask = torch.ones_like(y, dtype=torch.bool)
     mask[1, b0:b0 + block] = False
     assert not bool(torch.isnan(y[mask]).any())
-    assert torch.equal(torch.isnan(dequantize(quantize(x, name))), torch.isnan(y))
+    assert torch.equal(torch.isnan(dequantize(quantize(x, fmt))), torch.isnan(y))
 
 
 @pytest.mark.parametrize("profile", NV_PROFILES)
-def test_nvfp4_global_amax_ignores_nonfinite(profile):
+def test_nvfp4_block_policy_global_amax_ignores_nonfinite(profile):
     x = _rows(4, 64)
     clean = fake_quantize(x, "nvfp4", profile=profile)
     x[0, 0] = float("inf")
-    y = fake_quantize(x, "nvfp4", profile=profile)
+    y = fake_quantize(x, "nvfp4", profile=profile, nonfinite="block")
     assert torch.equal(y[1:], clean[1:]) and torch.equal(y[0, 16:], clean[0, 16:])
 
 

@@ -40,7 +40,8 @@ ones; enum options take the enum member or its string value):
   ``stochastic`` (:class:`RoundingMode`); ``seed`` (int, for stochastic); ``profile`` = ``ocp`` (default) |
   ``compressed_tensors`` (its EVEN scale rounding; mxfp4 / mxfp6_e2m3 / mxfp8_e4m3 only).
 * ``nvfp4``: ``profile`` = ``compressed_tensors`` (default) | ``torchao`` | ``transformer_engine``;
-  ``block_size`` (default 16); ``block_2d`` (bool: 16x16 tiles, TE weights); ``rounding``; ``seed``.
+  ``block_size`` (default 16); ``block_2d`` (bool: 16x16 tiles, TE weights); ``rounding``; ``seed``;
+  ``nonfinite`` = ``reference`` (default) | ``block`` (:class:`NonFinite`).
   ``quantize``/``fake_quantize`` also take ``global_amax=`` (a static, calibrated per-tensor amax).
 * ``fp8_*``, ``int8``, ``int4``: ``granularity`` = ``per_tensor`` | ``per_channel`` | ``per_token`` | ``per_group``
   (:class:`Granularity`); ``group_size`` (per_group only, default 128); ``rounding``; ``seed``;
@@ -53,8 +54,10 @@ ones; enum options take the enum member or its string value):
 Policies (details in each family module):
 
 * rounding: RNE by default; element overflow saturates to +-max (never Inf); exponents come from fp32 bits.
-* non-finite input: a block/group that holds NaN or Inf dequantizes to all-NaN; other blocks are unaffected
-  (NVFP4's per-tensor amax is taken over the finite elements).
+* non-finite input: a block/group that holds NaN or Inf dequantizes to all-NaN; other blocks are unaffected. NVFP4
+  (``nonfinite`` option, :class:`NonFinite`): ``"reference"`` (default) reproduces each profile's reference, whose
+  per-tensor amax carries the NaN / Inf into other blocks (e.g. compressed_tensors: an Inf makes the whole tensor
+  NaN); ``"block"`` is the block-local policy above (per-tensor amax over the finite elements).
 * zeros: all-zero blocks and tensors give zeros, never NaN, in every default profile. ``nvfp4`` with
   ``profile="torchao"`` reproduces torchao's NaN for an all-zero tensor.
 * ``-0.0``: float grids keep the sign of zero (code with the sign bit); integer grids and NF4 return +0.0.
@@ -68,6 +71,10 @@ in the low nibble (compressed-tensors / torchao layout).
 
 Each difference between the references (FORMATS.md §6) is reproduced by a profile or option, or documented as not
 reproduced in ``mx.py`` / ``nvfp4.py`` / ``scaled.py``.
+
+Speed: MX and NVFP4 ``fake_quantize`` run a native C kernel (``native.py``; built once per machine in ~1 s, eager
+fallback without a compiler), other formats the compiled path for large CPU tensors (``fast.py``), else eager; all
+three are bit-identical.
 """
 
 from .fake_quant import fake_quantize
@@ -78,6 +85,7 @@ from .registry import (
     TE_HADAMARD_SIGNS,
     Family,
     Granularity,
+    NonFinite,
     Profile,
     QFormat,
     ScaleMode,
@@ -92,6 +100,7 @@ __all__ = [
     "TE_HADAMARD_SIGNS",
     "Family",
     "Granularity",
+    "NonFinite",
     "Profile",
     "QFormat",
     "QuantizedTensor",

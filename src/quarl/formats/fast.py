@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from .quantize import fake_quantize_eager
-from .registry import Family, QFormat, RoundingMode
+from .registry import Family, NonFinite, QFormat, RoundingMode
 
 logger = logging.getLogger(__name__)
 
@@ -134,5 +134,5 @@ def try_fake_quantize(
     if fmt.family is Family.NVFP4 and global_amax is None:
         from .nvfp4 import tensor_amax  # the data-dependent finite check stays eager (cheap, one pass)
 
-        global_amax = tensor_amax(x)
+        global_amax = tensor_amax(x, fmt.nonfinite is NonFinite.BLOCK)
     return compiled_for(fmt)(x, global_amax)

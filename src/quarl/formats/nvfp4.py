@@ -31,9 +31,28 @@ Policies:
 * Zeros: a zero block gives ``q = 0``. An all-zero tensor gives 0 in ``compressed_tensors`` (gs -> 1, s8 0 -> 0.125)
   and ``transformer_engine`` (S_enc = 1), and **NaN** in ``torchao`` (pts = 0, 0/0), reproduced on purpose and
   documented (FORMATS.md §6 #7, ``nv_all_zero_tensor``).
-* Non-finite input (all profiles, a quarl policy): ``T`` is taken over the finite elements only, and a block holding
-  NaN/Inf gets the E4M3 NaN scale, so exactly that block dequantizes to NaN. The references disagree here (CT turns a
-  single Inf into an all-NaN tensor and a NaN into gs = 1; torchao turns either into all-NaN) and none is reproduced.
+* Non-finite input, ``nonfinite`` option (:class:`NonFinite`):
+
+  - ``"reference"`` (default): ``T`` is the plain ``max |x|`` (NaN propagates, Inf stays Inf) and the profile's
+    formulas above run unchanged, so each profile does what its reference does:
+
+    ===================  ==========================================  ==========================================
+    profile              a NaN in the tensor                         an Inf in the tensor
+    ===================  ==========================================  ==========================================
+    compressed_tensors   gs = 1 (``nan_to_num``): every block is      gs = 2688/Inf = 0, eff = s8/0 = Inf:
+                         rescaled as if T = 2688, the NaN block NaN  0 * Inf, the whole tensor NaN
+    torchao              pts = NaN: the whole tensor NaN             pts = Inf, dq = Inf, 0 * Inf: all NaN
+    transformer_engine   S_enc = NaN: the whole tensor NaN           S_enc = 1, dq = s8 * Inf: every element
+                                                                     +-Inf (nonzero code) or NaN (code 0)
+    ===================  ==========================================  ==========================================
+
+    compressed-tensors 0.20 and torchao 0.18 are run on such inputs in tests/formats/test_policies_nonfinite.py;
+    TE is compared with the transcription of its PyTorch reference (its CUDA kernel's ``fminf`` would turn a NaN
+    amax into S_enc = FLT_MAX instead; not reproduced). With a static ``global_amax`` the block formulas run on the
+    NaN / Inf elements themselves (compressed_tensors: an Inf saturates to +-6 * eff, a NaN makes its block NaN).
+    quarl stores a NaN grid value as code 0 (``quantize``); the references' codes for NaN elements are arbitrary.
+  - ``"block"``: ``T`` is taken over the finite elements only, and a block holding NaN/Inf gets the E4M3 NaN scale,
+    so exactly that block dequantizes to NaN (quarl's uniform block-local policy, also used by MX).
 * ``-0.0`` keeps its sign (FORMATS.md §6 #10; CT's and TE's FP4 casts return +0).
 * The three dequant product orders (``s8/gs``, ``pts*s8``, ``(s8*T)/2688``) differ by up to 1 ulp and are each
   reproduced by their profile (FORMATS.md §6 #8).
@@ -44,7 +63,7 @@ from __future__ import annotations
 import torch
 
 from .blocking import BlockQuant
-from .registry import Profile, QFormat
+from .registry import NonFinite, Profile, QFormat
 from .rounding import round_elem, round_to_float_grid
 from .spec import E2M1, E4M3
 
@@ -54,15 +73,19 @@ _E4M3_TINY = 2.0**-6  # torchao E4M3_EPS = finfo(float8_e4m3fn).tiny
 _RANGE = E4M3.max_normal * E2M1.max_normal  # 2688
 
 
-def tensor_amax(x: torch.Tensor) -> torch.Tensor:
-    """fp32 ``max |x|`` over the finite elements (0 for an empty tensor), shape ``(1,)``."""
+def tensor_amax(x: torch.Tensor, finite_only: bool = True) -> torch.Tensor:
+    """fp32 ``max |x|`` (0 for an empty tensor), shape ``(1,)``.
+
+    ``finite_only=True`` (the ``"block"`` policy): over the finite elements. ``False`` (``"reference"``): over all of
+    them, NaN propagating (as ``torch.amax``) and Inf staying Inf.
+    """
     if x.numel() == 0:
         return torch.zeros(1, dtype=torch.float32, device=x.device)
     lo, hi = torch.aminmax(x)  # one pass, no |x| temporary
     # abs(): for an all-zero tensor max(-lo, hi) can be max(-0.0, +0.0) = -0.0, and TE stores T and multiplies by it,
     # which turned an all-(+0.0) tensor into -0.0 outputs (found by tests/formats/test_properties.py)
     a = torch.maximum(-lo, hi).abs().to(torch.float32)
-    if not bool(torch.isfinite(a)):
+    if finite_only and not bool(torch.isfinite(a)):
         a = torch.where(torch.isfinite(x), x.abs(), 0.0).amax().to(torch.float32)
     return a.reshape(1)
 
@@ -148,11 +171,13 @@ def quantize_blocks(
         noise: U[0,1) samples for stochastic rounding, else None.
         global_amax: per-tensor amax to use instead of the tensor's own (a static, calibrated scale); shape ``(1,)``.
     """
-    T = tensor_amax(xb) if global_amax is None else global_amax.to(torch.float32).reshape(1)
+    block_local = fmt.nonfinite is NonFinite.BLOCK
+    T = tensor_amax(xb, block_local) if global_amax is None else global_amax.to(torch.float32).reshape(1)
     b = _block_amax(xb, fmt)
     scale_fn = {Profile.COMPRESSED_TENSORS: _scales_ct, Profile.TORCHAO: _scales_torchao,
                 Profile.TRANSFORMER_ENGINE: _scales_te}[fmt.profile]
     s8, g = scale_fn(b, T)
-    s8 = _poison(s8, b)
+    if block_local:
+        s8 = _poison(s8, b)
     values = round_elem(_element_input(xb, s8, g, fmt), E2M1, fmt.rounding, noise)
     return BlockQuant(values, dequant_scale(s8, g, fmt), s8.to(torch.float8_e4m3fn), g)

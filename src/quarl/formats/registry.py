@@ -66,6 +66,23 @@ class Profile(str, Enum):
     """bitsandbytes NF4 (NF4 only)."""
 
 
+class NonFinite(str, Enum):
+    """What a NaN or +-Inf in the input does to an NVFP4 tensor (MX and the scaled formats are always block-local).
+
+    NVFP4 takes a per-tensor amax, so a non-finite value can reach every block through it; the references differ.
+    """
+
+    REFERENCE = "reference"
+    """Reproduce the profile's reference (default): the per-tensor amax is taken over every element (NaN / Inf
+    included) and each profile's own arithmetic runs on it. compressed_tensors: an Inf makes the whole tensor NaN
+    (gs = 0), a NaN gives gs = 1 (``nan_to_num``) and a NaN block; torchao: either makes the whole tensor NaN;
+    transformer_engine (its PyTorch reference): a NaN makes the whole tensor NaN, an Inf gives S_enc = 1 and every
+    block an infinite dequantization scale (+-Inf / NaN everywhere). Details in ``nvfp4.py``."""
+    BLOCK = "block"
+    """quarl's block-local policy: the per-tensor amax is taken over the finite elements and only the block holding
+    the NaN / Inf dequantizes to NaN; every other block is exactly as without it."""
+
+
 class Granularity(str, Enum):
     """Which elements share one scale (SCALED formats)."""
 
@@ -109,6 +126,7 @@ class QFormat:
     hadamard: bool = False  # 16-wide random Hadamard pre-rotation along ``axis``
     hadamard_signs: tuple[int, ...] = TE_HADAMARD_SIGNS
     block_2d: bool = False  # NVFP4: one scale per 16x16 tile of the last two dims (TE weight recipe)
+    nonfinite: NonFinite = NonFinite.BLOCK  # NVFP4: REFERENCE (its default) or BLOCK; other families: block-local
 
     @property
     def elem_max(self) -> float:
@@ -118,7 +136,8 @@ class QFormat:
 
 _FAMILY_OPTIONS = {
     Family.MX: {"block_size", "axis", "scale_mode", "rounding", "profile", "seed", "hadamard", "hadamard_signs"},
-    Family.NVFP4: {"block_size", "axis", "rounding", "profile", "seed", "hadamard", "hadamard_signs", "block_2d"},
+    Family.NVFP4: {"block_size", "axis", "rounding", "profile", "seed", "hadamard", "hadamard_signs", "block_2d",
+                   "nonfinite"},
     Family.SCALED: {"granularity", "group_size", "axis", "rounding", "seed", "profile", "hadamard", "hadamard_signs"},
     Family.NF4: {"block_size", "axis", "profile"},
 }
@@ -148,7 +167,8 @@ FORMATS: dict[str, QFormat] = {
     "mxfp8_e4m3": _mx("mxfp8_e4m3", E4M3),
     "mxfp8_e5m2": _mx("mxfp8_e5m2", E5M2),
     "mxint8": _mx("mxint8", MXINT8_ELEM),
-    "nvfp4": QFormat("nvfp4", Family.NVFP4, E2M1, block_size=16, profile=Profile.COMPRESSED_TENSORS),
+    "nvfp4": QFormat("nvfp4", Family.NVFP4, E2M1, block_size=16, profile=Profile.COMPRESSED_TENSORS,
+                     nonfinite=NonFinite.REFERENCE),
     "fp8_e4m3": _scaled("fp8_e4m3", E4M3, Granularity.PER_TENSOR, 0),
     "fp8_e5m2": _scaled("fp8_e5m2", E5M2, Granularity.PER_TENSOR, 0),
     "int8": _scaled("int8", INT8, Granularity.PER_CHANNEL, 0),
@@ -202,7 +222,8 @@ def _apply_option(fmt: QFormat, key: str, value: Any) -> QFormat:
         return replace(fmt, **{key: value})
     if key == "hadamard_signs":
         return replace(fmt, hadamard_signs=_signs(value))
-    enums = {"scale_mode": ScaleMode, "rounding": RoundingMode, "profile": Profile, "granularity": Granularity}
+    enums = {"scale_mode": ScaleMode, "rounding": RoundingMode, "profile": Profile, "granularity": Granularity,
+             "nonfinite": NonFinite}
     return replace(fmt, **{key: _choice(enums[key], value, key)})
 
 

@@ -1,0 +1,162 @@
+"""The native CPU kernel (``quarl.formats.native``): bit-identical to ``fake_quantize_eager`` on the adversarial sets,
+for every format variant and shape class it serves, and a clean fallback to eager without a compiler.
+
+"Bit-identical" here is ``y.view(int32)`` equality: values, signs of zero and NaN bit patterns alike.
+
+Run: python -m pytest tests/formats/test_native.py -q       (builds the kernel once per machine, ~1 s)
+"""
+
+import logging
+
+import pytest
+import torch
+from _adversarial import FINITE, nonfinite
+
+from quarl.formats import fake_quantize, get_format, native
+from quarl.formats.quantize import fake_quantize_eager
+
+MX_VARIANTS = [("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("mxfp4", {"scale_mode": "even"}),
+               ("mxfp4", {"scale_mode": "ceil"}), ("mxfp4", {"rounding": "half_away"}),
+               ("mxfp4", {"profile": "compressed_tensors"}), ("mxfp4", {"block_size": 16}),
+               ("mxfp6_e2m3", {}), ("mxfp6_e2m3", {"profile": "compressed_tensors"}), ("mxfp6_e3m2", {"scale_mode": "rceil"}),
+               ("mxfp8_e4m3", {}), ("mxfp8_e4m3", {"profile": "compressed_tensors"}),
+               ("mxfp8_e5m2", {"scale_mode": "ceil"}), ("mxint8", {}), ("mxint8", {"rounding": "half_away"}),
+               ("mxint8", {"scale_mode": "rceil"})]
+NV_VARIANTS = [("nvfp4", {"profile": p, "nonfinite": nf, **extra})
+               for p in ("compressed_tensors", "torchao", "transformer_engine")
+               for nf in ("reference", "block") for extra in ({}, {"rounding": "half_away"})]
+VARIANTS = MX_VARIANTS + NV_VARIANTS
+IDS = [f"{n}-{'-'.join(f'{v}' for v in o.values()) or 'default'}" for n, o in VARIANTS]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if native.library() is None:
+        pytest.skip("no C compiler: the native kernel cannot be built here (eager fallback is tested below)")
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _check(x: torch.Tensor, fmt, global_amax=None) -> bool:
+    """Assert native == eager bit for bit; returns whether the native kernel served the call."""
+    ref = fake_quantize_eager(x, fmt, None, global_amax)
+    y = native.fake_quantize(x, fmt, global_amax)
+    if y is not None:
+        assert _bits_equal(y, ref), f"{fmt} {tuple(x.shape)} {x.dtype}"
+    assert _bits_equal(fake_quantize(x, fmt, global_amax=global_amax).float(), ref.to(x.dtype).float())
+    return y is not None
+
+
+def _edges() -> torch.Tensor:
+    """test_fast's adversarial tensor: ties, zero / -0 blocks, 2^-130 subnormals, NaN, Inf, boundary maxima."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(48, 96, generator=g) * torch.logspace(-6, 6, 48).unsqueeze(1)
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    x[0, :15], x[0, 15] = torch.cat([grid, (grid[1:] + grid[:-1]) / 2]), 6.0
+    x[1, :32], x[2, :16] = 0.0, -0.0
+    x[3] = torch.randn(96, generator=g) * 2.0**-130
+    x[4, 7], x[5, 9] = float("nan"), float("inf")
+    x[6, :8] = torch.tensor([7.0, 7.5, 8.0, 28.0, 448.0, 470.0, 480.0, 57344.0])
+    return x
+
+
+@pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
+def test_native_equals_eager_on_adversarial_families(name, opts):
+    fmt = get_format(name, **opts)
+    served = 0
+    for family, gen in FINITE.items():
+        for seed in (0, 1):
+            x = gen(rows=32, cols=128, seed=seed)
+            served += _check(x, fmt)
+            served += _check(-x, fmt)
+            _check(nonfinite(x, seed=seed), fmt)  # reference policy: eager decides; block policy: served
+    _check(_edges(), fmt)
+    assert served >= 2 * len(FINITE)  # the kernel really ran (torchao's all-zero 0/0 goes to eager)
+
+
+@pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
+def test_native_shape_classes(name, opts):
+    # decode rows, partial last blocks, 1-D / 3-D, large enough for the multi-threaded path, non-contiguous
+    fmt = get_format(name, **opts)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(1, 96), (64, 96), (7, 40), (3, 5), (200,), (2, 3, 576), (130, 1024)]
+    for shape in shapes:
+        x = torch.randn(*shape, generator=g) * 3
+        assert _check(x, fmt), shape
+    x = torch.randn(96, 64, generator=g)
+    assert _check(x.t(), fmt)  # non-contiguous input: made contiguous, same result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("name,opts", [("mxfp4", {}), ("nvfp4", {}), ("nvfp4", {"profile": "transformer_engine"})])
+def test_native_other_dtypes(name, opts, dtype):
+    fmt = get_format(name, **opts)
+    x = FINITE["outliers"](rows=16, cols=96, seed=2).to(dtype)
+    ref = fake_quantize_eager(x, fmt).to(dtype)
+    y = fake_quantize(x, fmt)
+    assert y.dtype == dtype and torch.equal(y.view(torch.int8) if dtype != torch.float64 else y, ref.view(torch.int8)
+                                            if dtype != torch.float64 else ref)
+
+
+@pytest.mark.parametrize("profile", ["compressed_tensors", "torchao", "transformer_engine"])
+@pytest.mark.parametrize("nonfinite_policy", ["reference", "block"])
+def test_native_static_global_amax(profile, nonfinite_policy):
+    fmt = get_format("nvfp4", profile=profile, nonfinite=nonfinite_policy)
+    x = FINITE["normal"](rows=16, cols=64, seed=5)
+    for amax in (1.0, 0.5, 1e-3, 1e30, 2.0**-140, 0.0, float("nan"), float("inf")):
+        _check(x, fmt, torch.tensor([amax]))
+    bad = x.clone()
+    bad[0, 0], bad[3, 17] = float("inf"), float("nan")
+    _check(bad, fmt, torch.tensor([2.0]))
+
+
+def test_native_declines_what_it_does_not_serve():
+    x = torch.randn(4, 64)
+    for fmt in (get_format("mxfp4", rounding="stochastic", seed=0), get_format("nvfp4", hadamard=True),
+                get_format("nvfp4", block_2d=True), get_format("mxfp4", axis=0), get_format("int4"),
+                get_format("nf4"), get_format("fp8_e4m3")):
+        assert native.fake_quantize(x, fmt) is None, fmt
+    assert native.fake_quantize(torch.empty(0, 32), get_format("mxfp4")) is None
+    assert native.fake_quantize(torch.randn(32), get_format("mxfp4"), torch.ones(1)) is None  # eager raises
+
+
+def test_native_switch(monkeypatch):
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert native.fake_quantize(torch.randn(4, 64), get_format("mxfp4")) is None
+
+
+def test_no_compiler_falls_back_to_eager(monkeypatch, tmp_path, caplog):
+    native.library.cache_clear()
+    monkeypatch.setenv("QUARL_CACHE_DIR", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    try:
+        with caplog.at_level(logging.INFO, logger="quarl.formats.native"):
+            x = torch.randn(8, 64)
+            assert native.fake_quantize(x, get_format("mxfp4")) is None
+            assert torch.equal(fake_quantize(x, "mxfp4"), fake_quantize_eager(x, get_format("mxfp4")))
+        assert "no C compiler" in caplog.text
+    finally:
+        native.library.cache_clear()
+
+
+def test_build_failure_falls_back_to_eager(monkeypatch, tmp_path, caplog):
+    native.library.cache_clear()
+    monkeypatch.setenv("QUARL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exists, always fails
+    try:
+        with caplog.at_level(logging.WARNING, logger="quarl.formats.native"):
+            assert native.library() is None and native.library() is None  # memoized: one warning
+        assert caplog.text.count("native kernel unavailable") == 1
+        assert native.fake_quantize(torch.randn(4, 32), get_format("mxfp4")) is None
+    finally:
+        native.library.cache_clear()
+
+
+def test_cache_key_depends_on_source(monkeypatch):
+    cc = native.compiler()
+    if cc is None:
+        pytest.skip("no compiler")
+    assert native._key(cc, "int a;") != native._key(cc, "int b;")
+    assert native._key(cc, "int a;") == native._key(cc, "int a;")
