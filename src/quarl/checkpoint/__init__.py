@@ -16,7 +16,7 @@ Schemes (compressed-tensors preset names): ``NVFP4A16``, ``NVFP4``, ``MXFP4A16``
 from .codec import compress_weight, pack_int4, unpack_int4, weight_quantized
 from .export import DEFAULT_IGNORE, ExportReport, export_checkpoint, quantizable_modules
 from .load import CheckpointInfo, dequantized_state, is_compressed_tensors_dir, load_checkpoint
-from .packed import INPUT_MODES, CompressedLinear, lora_custom_modules
+from .packed import INPUT_MODES, CompressedLinear, lora_custom_modules, lora_targets
 from .schemes import SCHEMES, CheckpointScheme, get_scheme, scheme_from_config
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "is_compressed_tensors_dir",
     "load_checkpoint",
     "lora_custom_modules",
+    "lora_targets",
     "pack_int4",
     "quantizable_modules",
     "scheme_from_config",

@@ -137,6 +137,12 @@ def _amax_for_global_scale(global_scale: torch.Tensor, scheme: CheckpointScheme)
     return best
 
 
+def lora_targets(model: nn.Module) -> list[str]:
+    """Leaf names of the model's `CompressedLinear` modules (``q_proj``, ...), for ``LoraConfig(target_modules=)``:
+    PEFT's ``"all-linear"`` only matches ``nn.Linear``, so on a pre-quantized base it would find no projection."""
+    return sorted({fqn.rpartition(".")[2] for fqn, m in model.named_modules() if isinstance(m, CompressedLinear)})
+
+
 def lora_custom_modules() -> dict[type, Any]:
     """PEFT mapping that lets LoRA wrap `CompressedLinear` with PEFT's generic ``lora.Linear``.
 
