@@ -1,4 +1,6 @@
-"""`quarl demo` runs offline end to end on the shipped testbed and writes its run directory.
+"""`quarl demo --quick` runs offline end to end on the shipped testbed and writes its run directory.
+
+The training demo (`quarl demo`) is tested in tests/runs/test_cli_demo_train.py.
 
 Run: python -m pytest tests/cli/test_cli_demo.py -q
 """
@@ -8,9 +10,9 @@ import json
 from quarl.cli import main
 
 
-def test_demo_writes_table_and_diagnosis(tmp_path, capsys):
+def test_quick_demo_writes_table_and_diagnosis(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--n", "8", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--n", "8", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     for row in ("unquantized (fp32)", "MXFP4 W4A16", "MXFP4 W4A4", "NVFP4 W4A16", "NVFP4 W4A4"):
         assert f"| {row} |" in text

@@ -47,8 +47,12 @@ def _label(group: Group) -> str:
     return f"{group.key} (n={n})" if n > 1 else group.key
 
 
-def plot_groups(groups: Sequence[Group], path: Path, title: str | None = None) -> Path:
+def plot_groups(groups: Sequence[Group], path: Path, title: str | None = None,
+                references: dict[str, float] | None = None) -> Path:
     """Write a 2 x 2 PNG of the :data:`PANELS` for ``groups``; returns ``path``.
+
+    ``references`` (label -> accuracy in points) are drawn as dashed horizontal lines on the validation panel, e.g.
+    the unquantized model's accuracy that a quantized run tries to recover.
 
     Raises:
         ValueError: no group has any run.
@@ -76,6 +80,9 @@ def plot_groups(groups: Sequence[Group], path: Path, title: str | None = None) -
             ok = ~np.isnan(lo) & ~np.isnan(hi)
             if ok.any():
                 ax.fill_between(steps[ok], lo[ok], hi[ok], color=color, alpha=0.18, linewidth=0)
+        if key == "val/acc_strict":
+            for j, (label, value) in enumerate((references or {}).items()):
+                ax.axhline(value, color=("0.25", "0.55", "0.75")[j % 3], linestyle="--", linewidth=1.2, label=label)
         ax.set_title(panel_title, fontsize=11)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
