@@ -170,8 +170,8 @@ def _train_demo(args: argparse.Namespace, out: Path) -> int:
 
     base, overrides = _demo_config(args)
     try:
+        cfg = load_config(base, overrides)  # first: a bad --set fails before TRL's slow import
         check_trl()
-        cfg = load_config(base, overrides)
     except (ValueError, ImportError) as exc:
         print(f"quarl demo: {exc}", file=sys.stderr)
         return 2
