@@ -1,7 +1,8 @@
 """Fabricate run directories exactly as the trainer writes them (run.json, heartbeat, exit, metrics, eval files).
 
 The registry, tables and plots are tested against these, so they do not need the trainer.
-Not a test module; pytest puts this directory on sys.path (rootdir conftest, no __init__), so tests import it as `_fabricate`.
+Not a test module; pytest puts this directory on sys.path (rootdir conftest, no __init__), so tests import it
+as `_fabricate`.
 """
 
 from __future__ import annotations

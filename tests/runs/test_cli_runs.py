@@ -1,4 +1,4 @@
-"""`quarl runs | suite | table | plot` end to end on fabricated runs, with the real config resolution and a fake trainer.
+"""`quarl runs | suite | table | plot` end to end: fabricated runs, the real config resolution, a fake trainer.
 
 Run: OMP_NUM_THREADS=1 python -m pytest tests/runs/test_cli_runs.py -q
 """

@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="offline: W4A4 accuracy recovered by GRPO + LoRA on the testbed (--quick: showcase)",
+    p = sub.add_parser("demo", help="offline: GRPO + LoRA recovers W4A4 accuracy on the testbed (--quick: showcase)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the one-minute showcase instead (no training)")
     p.add_argument("--n", type=int, default=None, help="held-out problems (default 300; --quick: 200 per row)")
@@ -148,8 +148,8 @@ def _demo_table(config: dict, fp32, w4a4_0, final, delta, verdict: str, steps: i
     c = describe_config(config)
     head = ["ID", "description", "format", "injection", "phase", "STE", "AQN", "val acc step 0",
             f"val acc step {steps}", "Δ (paired 95% CI)", "status"]
-    rows = [["fp32", "shipped model, unquantized, untrained", "fp32", "—", "—", "—", "off", fp32.fmt(), "—", "—",
-             "reference"],
+    rows = [["fp32", "shipped model, unquantized, untrained", "fp32", "—", "—", "—", "off", fp32.fmt(), "—",
+             "—", "reference"],
             ["demo", f"GRPO + LoRA, {steps} steps, under the injection", c["format"], c["injection"], c["phase"],
              c["ste"], c["aqn"], w4a4_0.fmt(), final.fmt(), ("+" if delta.mean > 0 else "") + delta.fmt(),
              verdict]]
@@ -195,8 +195,9 @@ def _train_demo(args: argparse.Namespace, out: Path) -> int:
     print(table)
     gap = fp32.mean - w4a4_0.mean
     if delta.lo > 0:
-        print(f"measured recovery: {delta.mean:+.1f} points [{delta.lo:+.1f}, {delta.hi:+.1f}] under W4A4 in {steps} "
-              f"steps" + (f", {100 * delta.mean / gap:.0f}% of the {gap:.1f}-point W4A4 -> fp32 gap" if gap > 0 else ""))
+        share = f", {100 * delta.mean / gap:.0f}% of the {gap:.1f}-point W4A4 -> fp32 gap" if gap > 0 else ""
+        print(f"measured recovery: {delta.mean:+.1f} points [{delta.lo:+.1f}, {delta.hi:+.1f}] under W4A4 in "
+              f"{steps} steps{share}")
     else:
         print(f"no recovery resolved at this budget: {delta.mean:+.1f} points [{delta.lo:+.1f}, {delta.hi:+.1f}] "
               f"(the 95% CI includes 0); try --steps {2 * steps} or --n {2 * n}")

@@ -1,4 +1,4 @@
-"""`quarl suite`: run a suite of seeded experiments — what is missing runs, finished runs are skipped, killed ones resume.
+"""`quarl suite`: run a suite of seeded experiments — missing runs run, finished ones are skipped, killed ones resume.
 
     quarl suite suites/e13.yaml [--seeds N] [--jobs J] [--dry-run] [--root runs] [--retry-failed]
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("suite", help="run a suite YAML: missing runs, resume killed ones, skip finished; then its table")
+    p = sub.add_parser("suite", help="run a suite YAML: run missing, resume killed, skip finished; then its table")
     p.add_argument("file", type=Path, help="suite YAML (e.g. suites/e13.yaml)")
     p.add_argument("--seeds", type=int, help="use N seeds (the first N declared, extended with the next integers)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (separate processes)")

@@ -125,7 +125,7 @@ def _utc_now() -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON via a same-directory temp file + fsync + rename, so readers see the old or the new file, never half."""
+    """Write JSON via a same-directory temp file, fsync and rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, default=_json_default)

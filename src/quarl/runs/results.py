@@ -124,12 +124,9 @@ class Group:
     def config(self) -> dict:
         return self.runs[0].config if self.runs else {}
 
-    def measured(self, include_unfinished: bool = False) -> tuple[RunSummary, ...]:
-        return self.runs if include_unfinished else self.finished
-
-    def accuracy(self, scorer: str, which: str, include_unfinished: bool = False) -> Estimate:
-        """Step-0 or final accuracy over seeds (one seed: its Wilson interval over problems)."""
-        runs = [r for r in self.measured(include_unfinished) if r.acc(scorer, which) is not None]
+    def accuracy(self, scorer: str, which: str) -> Estimate:
+        """Step-0 or final accuracy over the finished seeds (one seed: its Wilson interval over problems)."""
+        runs = [r for r in self.finished if r.acc(scorer, which) is not None]
         if len(runs) == 1:
             row = runs[0].val(scorer, which) or {}
             n = row.get("val/n")
@@ -137,9 +134,9 @@ class Group:
                 return accuracy_interval(round(float(row[f"val/acc_{scorer}"]) * n), n)
         return seed_interval([r.acc(scorer, which) for r in runs])
 
-    def delta(self, scorer: str, include_unfinished: bool = False) -> Estimate:
+    def delta(self, scorer: str) -> Estimate:
         """final - step0 (points): t over seeds, or for one seed the paired bootstrap over its eval problems."""
-        runs = [r for r in self.measured(include_unfinished)
+        runs = [r for r in self.finished
                 if r.acc(scorer, "final") is not None and r.acc(scorer, "step0") is not None
                 and r.final_step != r.first_step]
         if len(runs) == 1:

@@ -101,8 +101,8 @@ def run_rows(groups: Sequence[Group]) -> list[Row]:
 
 
 def _headers(metric: str) -> list[str]:
-    return ["ID", "description", "format", "injection", "phase", "STE", "AQN", "step 0 strict", "final strict", "step 0 flexible",
-            "final flexible", f"Δ {metric}", "n", "status"]
+    return ["ID", "description", "format", "injection", "phase", "STE", "AQN", "step 0 strict", "final strict",
+            "step 0 flexible", "final flexible", f"Δ {metric}", "n", "status"]
 
 
 def _cells(row: Row, metric: str) -> list[str]:
