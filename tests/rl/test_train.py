@@ -139,3 +139,27 @@ def test_resolved_config_yaml_reloads(tmp_path, tiny):
     cfg = load_config("injection: {scheme: MXFP4, use_ste: false}\n", tiny)
     text = cfg.to_yaml()
     assert load_config(yaml.safe_load(text)) == cfg
+
+
+def test_train_on_a_pre_quantized_checkpoint(tmp_path, tiny):
+    """The QeRL path: the base quantized once (NVFP4A16 compressed-tensors), frozen; LoRA trains on top; AQN works."""
+    from quarl.checkpoint import CompressedLinear, export_checkpoint, get_scheme
+    from quarl.models import load_model
+    from quarl.rl.run import _build
+
+    model, tok = load_model("testbed:tiny")
+    ckpt = tmp_path / "ckpt"
+    export_checkpoint(model, tok, get_scheme("NVFP4A16"), ckpt, progress=False)
+    cfg = load_config(f"model: {{name: {ckpt}}}\naqn: {{schedule: constant, sigma_start: 0.01}}\n",
+                      tiny + ["grpo.steps=1"])
+    (tmp_path / "metrics.jsonl").touch()
+    trainer, recorder, hooks, peft_model = _build(cfg, tmp_path, 0)
+    packed = {n: b.clone() for n, b in peft_model.named_buffers() if "weight_packed" in n}
+    wrapped = [m for m in peft_model.modules() if isinstance(getattr(m, "base_layer", None), CompressedLinear)]
+    assert len(wrapped) == 42 and packed
+    trainer.train()
+    recorder.close()
+    assert all(torch.equal(b, dict(peft_model.named_buffers())[n]) for n, b in packed.items())
+    assert hooks.aqn.applications == 1
+    with pytest.raises(ValueError, match="pre-quantized checkpoint"):
+        _build(load_config(f"model: {{name: {ckpt}}}\ninjection: {{scheme: MXFP4}}\n", tiny), tmp_path, 0)

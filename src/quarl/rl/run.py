@@ -51,10 +51,17 @@ def _world() -> int:
 def _lora(model: Any, cfg: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    from quarl.checkpoint import lora_custom_modules, lora_targets
+
     lora = cfg.lora
-    targets = "all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules)
+    packed = getattr(model, "quarl_checkpoint", None) is not None  # a pre-quantized compressed-tensors base
+    targets: Any = list(lora.target_modules)
+    if targets == ["all-linear"]:  # PEFT's all-linear matches nn.Linear only, not the packed CompressedLinear
+        targets = lora_targets(model) if packed else "all-linear"
     peft_cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                           task_type="CAUSAL_LM", modules_to_save=list(NORM_NAMES) if lora.trainable_norms else None)
+    if packed:
+        peft_cfg._register_custom_module(lora_custom_modules())
     return get_peft_model(model, peft_cfg)
 
 
@@ -62,6 +69,10 @@ def _injector(model: Any, cfg: TrainConfig) -> Any:
     if cfg.injection is None:
         return None
     spec = cfg.injection
+    checkpoint = getattr(model, "quarl_checkpoint", None)
+    if checkpoint is not None:
+        raise ValueError(f"model {cfg.model.name} is a pre-quantized checkpoint ({checkpoint.scheme.name}); it "
+                         "already applies its quantization -- drop the injection block")
     injector = attach(model, spec, phase="training")
     heads = [m for m in injector.modules if m.split(".")[-1] == "lm_head" or m.endswith("lm_head.base_layer")]
     if heads and spec.apply_during.covers(Phase.TRAINING):
