@@ -160,3 +160,23 @@ def test_cache_key_depends_on_source(monkeypatch):
         pytest.skip("no compiler")
     assert native._key(cc, "int a;") != native._key(cc, "int b;")
     assert native._key(cc, "int a;") == native._key(cc, "int a;")
+
+
+@pytest.mark.parametrize("name,opts", [("mxfp4", {}), ("nvfp4", {}), ("nvfp4", {"profile": "torchao"}),
+                                       ("mxfp4", {"rounding": "stochastic", "seed": 1}), ("int4", {}),
+                                       ("nvfp4", {"block_2d": True}), ("mxfp4", {"axis": 0})])
+def test_fake_quantizer_equals_fake_quantize(name, opts):
+    from quarl.formats import fake_quantizer
+
+    fmt = get_format(name, **opts)
+    fq = fake_quantizer(fmt)
+    for x in (_edges(), FINITE["all_zero"](rows=16, cols=64), torch.randn(3, 2, 64).to(torch.bfloat16)):
+        assert _bits_equal(fq(x).float(), fake_quantize(x, fmt).float())
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fq(a), fake_quantize(b, fmt)
+        assert ya.grad_fn is not None and _bits_equal(ya.detach().float(), yb.detach().float())
+        ya.sum().backward()
+        yb.sum().backward()
+        assert torch.equal(a.grad, b.grad)
+    with pytest.raises(ValueError, match="floating-point"):
+        fq(torch.ones(4, 64, dtype=torch.int32))

@@ -121,9 +121,15 @@ def test_fake_quant_calls_counted_weights_once_inputs_every_forward(monkeypatch,
     import quarl.formats
 
     calls = []
-    real = quarl.formats.fake_quantize
-    monkeypatch.setattr(quarl.formats, "fake_quantize",
+    real, real_bound = quarl.formats.fake_quantize, quarl.formats.fake_quantizer
+
+    def bound(*a, **k):  # activations: the format bound once at attach (quarl.formats.fake_quantizer)
+        fq = real_bound(*a, **k)
+        return lambda x: calls.append(tuple(x.shape)) or fq(x)
+
+    monkeypatch.setattr(quarl.formats, "fake_quantize",  # weights: ErrorModel.values
                         lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k))
+    monkeypatch.setattr(quarl.formats, "fake_quantizer", bound)
     with attach(llama, InjectionSpec(scheme="W4A4")) as inj:
         calls.clear()  # attach itself probes each module's shape once with a (1, K) zero row
         with torch.no_grad():

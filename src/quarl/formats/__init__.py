@@ -8,6 +8,7 @@ API::
     y = dequantize(q)             # x.dtype, x.shape
     z = fake_quantize(x, fmt)     # == dequantize(quantize(x, fmt)) bit for bit; STE gradient
     z = fake_quantize(x, "mxfp4", scale_mode="rceil")        # a name plus options works everywhere
+    fq = fake_quantizer(fmt); z = fq(x)                       # the same, resolved once (hot loops)
 
 Formats (``FORMATS`` maps each name to its default QFormat):
 
@@ -77,7 +78,7 @@ fallback without a compiler), other formats the compiled path for large CPU tens
 three are bit-identical.
 """
 
-from .fake_quant import fake_quantize
+from .fake_quant import fake_quantize, fake_quantizer
 from .packing import pack_fp4, unpack_fp4
 from .quantize import QuantizedTensor, dequantize, quantize
 from .registry import (
@@ -110,6 +111,7 @@ __all__ = [
     "dequantize",
     "error_stats",
     "fake_quantize",
+    "fake_quantizer",
     "get_format",
     "pack_fp4",
     "quantize",

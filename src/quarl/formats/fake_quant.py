@@ -17,6 +17,8 @@ on a busy 2-core CPU, see ``fast.py``); ``QUARL_COMPILE=0`` turns it off.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import fast, native
@@ -107,3 +109,36 @@ def fake_quantize(
     if torch.is_grad_enabled() and x.requires_grad:
         return _FakeQuantSTE.apply(x, fmt, ste, generator, global_amax)
     return _forward(x, fmt, generator, global_amax).to(x.dtype)
+
+
+def fake_quantizer(fmt: str | QFormat, *, ste: str | SteMode = SteMode.IDENTITY,
+                   **options) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``lambda x: fake_quantize(x, fmt, ste=ste)`` with the format resolved and the native kernel bound once.
+
+    For hot loops (an activation fake-quant per linear per decode step): it skips the per-call format resolution and
+    dispatch, so a decode-shape call costs the kernel plus a few us. Results and gradients are those of
+    :func:`fake_quantize` bit for bit: with a gradient to build it calls ``fake_quantize`` itself (the STE); otherwise
+    the native kernel, else the compiled / eager paths.
+
+    Example:
+        >>> import torch
+        >>> fq = fake_quantizer("mxfp4")
+        >>> x = torch.randn(4, 64)
+        >>> torch.equal(fq(x), fake_quantize(x, "mxfp4"))
+        True
+    """
+    fmt = resolve_format(fmt, options)
+    ste = choice(SteMode, ste, "ste")
+    kernel = native.bind(fmt)
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return fake_quantize(x, fmt, ste=ste)
+        if kernel is not None:
+            y = kernel(x)
+            if y is not None:
+                return y if y.dtype is x.dtype else y.to(x.dtype)
+        check_input(x, fmt)
+        return _forward(x, fmt, None, None).to(x.dtype)
+
+    return apply

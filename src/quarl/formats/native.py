@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -179,6 +180,40 @@ def _static_amax(global_amax: torch.Tensor | None) -> tuple[int, float] | None:
         return None
     t = float(global_amax.to(torch.float32).reshape(()))  # a Python float holds any fp32 exactly
     return None if t != t or abs(t) == float("inf") else (1, t)
+
+
+def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """The kernel for one format with its arguments resolved once (the hot-loop form of :func:`fake_quantize`).
+
+    Returns:
+        ``run(x)`` -> fp32 fake-quantized ``x`` or None (not served: the caller falls back), or None when the kernel
+        does not serve ``fmt`` at all or cannot be built. ``run`` takes no static ``global_amax``.
+    """
+    if not enabled() or not serves(fmt):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    if fmt.family is Family.MX:
+        kernel, args = lib.quarl_mx, _mx_args(fmt)
+    else:
+        kernel, args = lib.quarl_nvfp4, (*_nv_args(fmt), 0, 0.0, int(fmt.rounding is RoundingMode.HALF_AWAY))
+    block, axis, f32 = fmt.block_size, fmt.axis, torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        ndim = x.dim()
+        if x.device.type != "cpu" or ndim == 0 or not x.is_floating_point() or axis not in (-1, ndim - 1):
+            return None
+        x32 = x if x.dtype is f32 and x.is_contiguous() else x.to(f32).contiguous()
+        numel, length = x32.numel(), x32.shape[-1]
+        if numel == 0:
+            return None
+        y = torch.empty_like(x32)
+        rows, length = (1, numel) if length % block == 0 else (numel // length, length)
+        threads = torch.get_num_threads() if numel >= PARALLEL_MIN else 1
+        return y if kernel(x32.data_ptr(), y.data_ptr(), rows, length, *args, threads) == 0 else None
+
+    return run
 
 
 def fake_quantize(x: torch.Tensor, fmt: QFormat, global_amax: torch.Tensor | None = None) -> torch.Tensor | None:

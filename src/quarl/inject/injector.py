@@ -20,13 +20,22 @@ keep ``training=True`` during generation, FIELD_NOTES §5). Before any phase is 
 - ``apply_during="rollout"`` or ``"training"``: a forward raises ``RuntimeError`` — the run cannot tell which
   phase it is in, and silently skipping (or applying) quantization is how evaluations lied (FIELD_NOTES §2 item 6).
 Every call is counted either as a fire or as a skip, per phase, so telemetry always shows what happened.
+
+Activation checkpointing: a forward that autograd re-runs inside the backward (``torch.utils.checkpoint`` with
+``use_reentrant=False``, HF ``gradient_checkpointing_enable``) is injected exactly like the original -- same cached
+weight, same deterministic fake quantization, so the STE gradient is bit-identical -- but is not counted or measured
+again: one fire per logical forward (`in_backward`). Random error models redraw their noise there (logged once).
+
+Hot path: the activation function is bound at attach time (`activation_fn`: the format resolved and the native
+kernel bound once), the phase gate is resolved when the phase changes, and telemetry reductions run on every
+``stats_every``-th call only; a W4A4 linear call costs its two fake quantizations plus a few us of hook dispatch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -59,6 +68,32 @@ class _Rng:
         return self._gens[device]
 
 
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (a checkpoint recompute runs its forward there).
+
+    ``torch.utils.checkpoint`` (``use_reentrant=False``, as HF's ``gradient_checkpointing_enable`` uses) re-runs the
+    checkpointed forward inside the backward; the graph task id is -1 exactly when no backward is executing.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def activation_fn(error: ErrorModel, generator: _Rng) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> error(x, generator(x.device))`` with the same values and gradient semantics, resolved once.
+
+    Formats go through ``quarl.formats.fake_quantizer`` (format and native kernel bound at attach time: the per-call
+    cost at decode shapes is the kernel plus a few us). ``use_ste=False`` quantizes ``x.detach()`` (no gradient),
+    as ``ErrorModel.values`` does. Noise models keep ``ErrorModel.__call__``.
+    """
+    if error.fmt is None:
+        return lambda x: error(x, generator(x.device))
+    from quarl.formats import fake_quantizer
+
+    if error.use_ste:
+        return fake_quantizer(error.fmt, ste=error.ste)
+    fq = fake_quantizer(error.fmt)
+    return lambda x: fq(x.detach())
+
+
 class _ModuleInjection:
     """Hooks and state for one selected module."""
 
@@ -72,13 +107,14 @@ class _ModuleInjection:
         noisy = spec.is_noise
         self.rng = {role: _Rng(module_seed(spec.seed, f"{fqn}:{role}"), noisy) for role in ("weight", "input", "output")}
         self.weight = WeightCache(error, self.telemetry, self.rng["weight"]) if self.point.weight else None
+        self._input = self.point.input
+        self._output = self.point.output
+        apply_in = activation_fn(error, self.rng["input"])
+        self._apply_input = (lambda x: injector._shared_input(x, apply_in)) if error.deterministic else apply_in
+        self._apply_output = activation_fn(error, self.rng["output"])
         self._active = False
         self._calls = 0
-
-    def _inject(self, role: str) -> Any:
-        if role == "input" and self.error.deterministic:
-            return lambda x: self.injector._shared_input(x, self.error)
-        return lambda x: self.error(x, self.rng[role](x.device))
+        self._warned_recompute = False
 
     def _measuring(self) -> bool:
         return (self._calls - 1) % self.injector.stats_every == 0
@@ -86,34 +122,50 @@ class _ModuleInjection:
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         phase, active = self.injector._gate()
         self._active = active
+        # a checkpoint recompute (inside backward) repeats a forward already counted: inject it identically (the
+        # gradient must not change), but count and measure it never
+        counted = not in_backward()
+        if not counted and not self.error.deterministic and not self._warned_recompute:
+            self._warned_recompute = True
+            logger.warning("quarl.inject: %s is recomputed inside backward (activation checkpointing) with a random "
+                           "error model (%s): the recompute draws fresh noise, so its gradient differs from the "
+                           "forward that was counted; deterministic formats recompute identically", self.fqn,
+                           self.error.name)
         if not active:
-            self.telemetry.skipped[phase] += 1
+            if counted:
+                self.telemetry.skipped[phase] += 1
             return None
-        self.telemetry.fires[phase] += 1
-        self._calls += 1
+        if counted:
+            self.telemetry.fires[phase] += 1
+            self._calls += 1
         if self.weight is not None:
             self.weight.swap_in(module)
-        if not self.point.input:
+        if not self._input:
             return None
-        done = inject_input(args, kwargs, self._inject("input"))
-        if done is None:
-            return None
-        args, kwargs, x, q = done
-        if self._measuring():
+        if args and isinstance(args[0], torch.Tensor):  # the common call, inlined: module(x, ...)
+            x = args[0]
+            q = self._apply_input(x)
+            args = (q, *args[1:])
+        else:
+            done = inject_input(args, kwargs, self._apply_input)
+            if done is None:
+                return None
+            args, kwargs, x, q = done
+        if counted and self._measuring():
             self.telemetry.measure("input", x, q, self.injector._input_row(x, q))
         return args, kwargs
 
     def post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if self.weight is not None:
             self.weight.swap_out(module)  # always, also when the forward raised (always_call=True)
-        if not (self._active and self.point.output):
+        if not (self._active and self._output):
             return None
         self._active = False
-        done = inject_output(output, self._inject("output"))
+        done = inject_output(output, self._apply_output)
         if done is None:
             return None
         output, y, q = done
-        if self._measuring():
+        if self._measuring() and not in_backward():
             self.telemetry.measure("output", y, q)
         return output
 
@@ -160,16 +212,16 @@ class Injector:
                            "only meant for that regression. Use use_ste=True for training. !!!",
                            self.spec.injection_point.value)
 
-    def _shared_input(self, x: torch.Tensor, error: ErrorModel) -> torch.Tensor:
-        """e(x) for a deterministic format, reused while consecutive modules read the very same tensor (q/k/v
-        share the norm output, gate/up too): the activation is quantized once, as a fused QKV GEMM would. The
-        entry holds a reference to ``x``, so its identity cannot be recycled; ``_version`` catches in-place
+    def _shared_input(self, x: torch.Tensor, apply: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``apply(x)`` (a deterministic format), reused while consecutive modules read the very same tensor
+        (q/k/v share the norm output, gate/up too): the activation is quantized once, as a fused QKV GEMM would.
+        The entry holds a reference to ``x``, so its identity cannot be recycled; ``_version`` catches in-place
         writes and the grad mode is part of the key (a no-grad result has no STE node)."""
         key = (x._version, torch.is_grad_enabled())
         hit = self._last_input
         if hit is not None and hit[0] is x and hit[1] == key:
             return hit[2]
-        q = error(x)
+        q = apply(x)
         self._last_input = (x, key, q, {})  # the dict caches the telemetry row of this pair
         return q
 
@@ -190,13 +242,17 @@ class Injector:
 
     def set_phase(self, phase: Phase | str | None) -> None:
         """Set the phase ('rollout' | 'training' | None) for the following forwards."""
-        if phase is None or isinstance(phase, Phase):
-            self._phase = phase
-            return
-        valid = [p.value for p in Phase]
-        if phase not in valid:
-            raise ValueError(f"unknown phase {phase!r}; valid phases: {', '.join(valid)}")
-        self._phase = Phase(phase)
+        if phase is not None and not isinstance(phase, Phase):
+            valid = [p.value for p in Phase]
+            if phase not in valid:
+                raise ValueError(f"unknown phase {phase!r}; valid phases: {', '.join(valid)}")
+            phase = Phase(phase)
+        self._phase = phase
+        # what `_gate` returns, resolved once per phase change instead of once per hook call
+        if phase is None:
+            self._gate_state = (UNSET, True) if self.spec.apply_during is ApplyDuring.BOTH else None
+        else:
+            self._gate_state = (phase.value, self.spec.apply_during.covers(phase))
 
     @contextlib.contextmanager
     def phase(self, phase: Phase | str) -> Iterator[Injector]:
@@ -206,17 +262,16 @@ class Injector:
         try:
             yield self
         finally:
-            self._phase = previous
+            self.set_phase(previous)
 
     def _gate(self) -> tuple[str, bool]:
-        """(phase name, active?) for a forward starting now."""
-        if self._phase is None:
-            if self.spec.apply_during is ApplyDuring.BOTH:
-                return UNSET, True
+        """(phase name, active?) for a forward starting now (resolved by `set_phase`)."""
+        state = self._gate_state
+        if state is None:
             raise RuntimeError(
                 f"quarl.inject: apply_during={self.spec.apply_during.value!r} but no phase is set; wrap the forward "
                 "in `with injector.phase('rollout'):` / `('training')` or call injector.set_phase(...)")
-        return self._phase.value, self.spec.apply_during.covers(self._phase)
+        return state
 
     # --- telemetry --------------------------------------------------------------------------------------------------
     @property
