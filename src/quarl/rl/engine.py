@@ -65,6 +65,8 @@ class RolloutHooks:
         self.tis_cap = tis_cap
         self.mismatch_cap = mismatch_cap
         self.aqn_stats: dict[str, Any] = {}
+        self.vllm_injector: Any = None  # grpo.use_vllm: the injection and AQN attached to vLLM's model
+        self.vllm_aqn: Any = None
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
         return self.injector.phase(name) if self.injector is not None else contextlib.nullcontext()
@@ -105,8 +107,12 @@ class QuarlGRPOTrainer(GRPOTrainer):
         hooks = self.quarl
         with contextlib.ExitStack() as stack:
             stack.enter_context(hooks.phase("rollout"))
-            if hooks.aqn is not None and self.model.training:  # training rollouts only, never evaluation
-                hooks.aqn_stats = stack.enter_context(hooks.aqn.noised(self.state.global_step))
+            if self.use_vllm and self.state.global_step != self._last_loaded_step:
+                self.vllm_generation.sync_weights()  # sync first (as TRL would), so the AQN noise survives it
+                self._last_loaded_step = self.state.global_step
+            aqn = hooks.vllm_aqn if self.use_vllm else hooks.aqn
+            if aqn is not None and self.model.training:  # training rollouts only, never evaluation
+                hooks.aqn_stats = stack.enter_context(aqn.noised(self.state.global_step))
             if self.use_vllm:  # vLLM returns the sampled tokens' log-probs itself
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                                      has_tool_images)
@@ -135,7 +141,7 @@ class QuarlGRPOTrainer(GRPOTrainer):
             cap = self.quarl.tis_cap or self.quarl.mismatch_cap
             for key, value in mismatch_stats(train_lp, rollout_lp, mask, cap).items():
                 metrics[key].append(value)
-            if self.quarl.tis_cap is not None:
+            if self.quarl.tis_cap is not None and not self.use_vllm:  # with vLLM, TRL's token_truncate IS
                 w = tis_weights(train_lp, rollout_lp, mask, self.quarl.tis_cap)  # (B, T)
                 adv = out["advantages"]
                 out["advantages"] = (adv.unsqueeze(1) if adv.dim() == 1 else adv) * w  # (B, T)

@@ -186,7 +186,7 @@ def _rewind(run_dir: Path, step: int) -> None:
 
 
 def _log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = logging.FileHandler(run_dir / ("train.log" if _rank() == 0 else f"train.rank{_rank()}.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     root = logging.getLogger()
@@ -245,8 +245,19 @@ def _build(cfg: TrainConfig, run_dir: Path, start_step: int) -> tuple:
     funcs, weights = _rewards(cfg)
     args = _trl_args(cfg, run_dir)
     args.reward_weights = weights
+    if cfg.grpo.use_vllm:
+        from quarl.rl.vllm import patch_llm_eager, vllm_args
+
+        patch_llm_eager()
+        for key, value in vllm_args(cfg.grpo.tis_cap).items():
+            setattr(args, key, value)
     trainer = QuarlGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
                                processing_class=tokenizer, quarl=hooks)
+    if cfg.grpo.use_vllm:
+        from quarl.rl.vllm import attach_to_vllm
+
+        hooks.vllm_injector, hooks.vllm_aqn = attach_to_vllm(trainer, cfg.injection, cfg.aqn, cfg.grpo.steps,
+                                                             start_step)
     main = trainer.accelerator.is_main_process
     validator = Validator(model, tokenizer, val, hooks, cfg, run_dir if main else None)
     recorder = RunRecorder(run_dir, validator, cfg.eval.every, cfg.grpo.steps, main, start_step)
