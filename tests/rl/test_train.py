@@ -191,3 +191,25 @@ def test_gradient_checkpointing_gives_the_same_ste_gradient_and_fire_counts(tmp_
     assert row1["grad_norm"] == pytest.approx(row0["grad_norm"], rel=1e-5)
     assert all(torch.allclose(lora0[n], lora1[n], rtol=1e-5, atol=1e-7) for n in lora0)  # same update
     assert fires1 == fires0
+
+
+def test_aqn_during_both_phases_noises_the_training_forwards_too(tmp_path, tiny):
+    from quarl.rl.run import _build
+
+    cfg = load_config("aqn: {schedule: constant, sigma_start: 0.05, apply_during: both}\n", tiny + ["grpo.steps=1"])
+    (tmp_path / "metrics.jsonl").touch()
+    trainer, recorder, hooks, model = _build(cfg, tmp_path, 0)
+    norm = model.get_submodule("base_model.model.model.norm").weight
+    clean = norm.detach().clone()
+    seen = []
+    model.get_submodule("base_model.model.model.norm").register_forward_pre_hook(
+        lambda m, a: seen.append((model.training, torch.equal(m.weight, clean))))
+    trainer.train()
+    recorder.close()
+    in_step = [is_clean for training, is_clean in seen if training]  # generation, log-prob and loss forwards
+    in_val = [is_clean for training, is_clean in seen if not training]  # the final validation (eval mode)
+    assert in_step and not any(in_step) and in_val and all(in_val)
+    assert torch.equal(norm, clean)
+    row = read_metrics(tmp_path)[-1]
+    assert row["mismatch/kl"] < 1e-6  # rollout and training saw the same noise: no mismatch
+    assert hooks.aqn.applications == 1

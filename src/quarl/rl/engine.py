@@ -111,7 +111,8 @@ class QuarlGRPOTrainer(GRPOTrainer):
                 self.vllm_generation.sync_weights()  # sync first (as TRL would), so the AQN noise survives it
                 self._last_loaded_step = self.state.global_step
             aqn = hooks.vllm_aqn if self.use_vllm else hooks.aqn
-            if aqn is not None and self.model.training:  # training rollouts only, never evaluation
+            rollout_only = aqn is not None and (self.use_vllm or aqn.cfg.apply_during == "rollout")
+            if rollout_only and self.model.training:  # training rollouts only, never evaluation
                 hooks.aqn_stats = stack.enter_context(aqn.noised(self.state.global_step))
             if self.use_vllm:  # vLLM returns the sampled tokens' log-probs itself
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
@@ -125,6 +126,16 @@ class QuarlGRPOTrainer(GRPOTrainer):
             finally:
                 del model.generate
         return ids, _sampled_logprobs(scores[0], ids)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With ``aqn.apply_during: both`` the noise covers the whole step (generation, log-probs, loss, backward);
+        the clean weights are back before the optimizer step and before validation."""
+        aqn = self.quarl.aqn
+        if aqn is None or self.use_vllm or aqn.cfg.apply_during != "both":
+            return super().training_step(model, inputs, num_items_in_batch)
+        with aqn.noised(self.state.global_step) as stats:
+            self.quarl.aqn_stats = stats
+            return super().training_step(model, inputs, num_items_in_batch)
 
     # --- mismatch, TIS, health --------------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs):

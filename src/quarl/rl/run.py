@@ -235,8 +235,6 @@ def _build(cfg: TrainConfig, run_dir: Path, start_step: int) -> tuple:
     model = _lora(model, cfg)
     injector = _injector(model, cfg)
     aqn = AQN(model, cfg.aqn, cfg.grpo.steps, start_step) if cfg.aqn_enabled else None
-    if aqn is not None and cfg.aqn.apply_during == "both":
-        raise ValueError("aqn.apply_during: both is not wired into TRL's training forwards yet; use rollout (QeRL)")
     train_rows = _prompts(tokenizer, load_source(cfg.data.source, cfg.data.train_n, "train", cfg.data.seed))
     val = load_source(cfg.data.val_source or cfg.data.source, cfg.eval.n, "test")
     from datasets import Dataset
