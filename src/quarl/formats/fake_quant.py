@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from . import fast, native
+from . import fast, gpu, native
 from .blocking import from_blocks, to_blocks
 from .quantize import block_quantize, check_input, fake_quantize_eager, resolve_format
 from .registry import QFormat, SteMode
@@ -32,7 +32,7 @@ def _forward(
     x: torch.Tensor, fmt: QFormat, generator: torch.Generator | None, global_amax: torch.Tensor | None
 ) -> torch.Tensor:
     """fp32 fake-quantized ``x``: the native kernel, else the compiled path, else eager (all bit-identical)."""
-    y = native.fake_quantize(x, fmt, global_amax)
+    y = gpu.try_fake_quantize(x, fmt, global_amax) if x.is_cuda else native.fake_quantize(x, fmt, global_amax)
     if y is None:
         y = fast.try_fake_quantize(x, fmt, generator, global_amax)
     return y if y is not None else fake_quantize_eager(x, fmt, generator, global_amax)
