@@ -228,14 +228,20 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat, global_amax: torch.Tensor | Non
         fp32 tensor shaped like ``x``, bit-identical to ``fake_quantize_eager(x, fmt, None, global_amax)``; None
         when the format, tensor or input values are not served (the caller falls back).
     """
-    if x.device.type != "cpu" or x.numel() == 0 or x.dim() == 0 or not enabled() or not serves(fmt):
+    if not enabled():
         return None
-    if fmt.axis not in (-1, x.dim() - 1):
-        return None
-    if global_amax is not None and fmt.family is not Family.NVFP4:
-        return None  # eager raises the ValueError
     lib = library()
     if lib is None:
+        return None
+    if global_amax is None:
+        run = _bound(fmt, lib)
+        return None if run is None else run(x)
+    if fmt.family is not Family.NVFP4 or not serves(fmt) or x.device.type != "cpu" or x.numel() == 0:
+        return None  # (MX with a global_amax: eager raises the ValueError)
+    if x.dim() == 0 or fmt.axis not in (-1, x.dim() - 1):
+        return None
+    static = _static_amax(global_amax)
+    if static is None:
         return None
     x32 = x.to(torch.float32).contiguous()
     y = torch.empty_like(x32)
@@ -243,13 +249,12 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat, global_amax: torch.Tensor | Non
     rows = x32.numel() // length
     if length % fmt.block_size == 0:  # no partial blocks: one flat run of blocks (scale passes span rows)
         rows, length = 1, x32.numel()
-    threads = _threads(x32.numel())
-    if fmt.family is Family.MX:
-        status = lib.quarl_mx(x32.data_ptr(), y.data_ptr(), rows, length, *_mx_args(fmt), threads)
-    else:
-        static = _static_amax(global_amax)
-        if static is None:
-            return None
-        status = lib.quarl_nvfp4(x32.data_ptr(), y.data_ptr(), rows, length, *_nv_args(fmt), *static,
-                                 int(fmt.rounding is RoundingMode.HALF_AWAY), threads)
+    status = lib.quarl_nvfp4(x32.data_ptr(), y.data_ptr(), rows, length, *_nv_args(fmt), *static,
+                             int(fmt.rounding is RoundingMode.HALF_AWAY), _threads(x32.numel()))
     return y if status == 0 else None
+
+
+@functools.lru_cache(maxsize=256)
+def _bound(fmt: QFormat, lib: ctypes.CDLL) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """:func:`bind` memoized per (format, loaded library)."""
+    return bind(fmt)

@@ -74,7 +74,10 @@ def in_backward() -> bool:
     ``torch.utils.checkpoint`` (``use_reentrant=False``, as HF's ``gradient_checkpointing_enable`` uses) re-runs the
     checkpointed forward inside the backward; the graph task id is -1 exactly when no backward is executing.
     """
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id() != -1
+
+
+_graph_task_id = torch._C._current_graph_task_id  # bound once: it runs in every hook call
 
 
 def activation_fn(error: ErrorModel, generator: _Rng) -> Callable[[torch.Tensor], torch.Tensor]:

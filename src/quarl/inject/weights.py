@@ -33,8 +33,8 @@ _Key = tuple[int, int, torch.dtype, torch.device, tuple[int, ...]]
 
 
 def weight_key(param: torch.Tensor) -> _Key:
-    """Identity of one version of a weight's values."""
-    return (param._version, param.data_ptr(), param.dtype, param.device, tuple(param.shape))
+    """Identity of one version of a weight's values (``param.shape`` is already a tuple: ``torch.Size``)."""
+    return (param._version, param.data_ptr(), param.dtype, param.device, param.shape)
 
 
 class WeightCache:
