@@ -125,6 +125,24 @@ def hbm(device: torch.device) -> None:
               f"({peak / 1e9:.0f} GB/s)")
 
 
+def native_first_use() -> None:
+    """Print the native kernel's first-use cost: a build (once per machine, then cached on disk) or a load."""
+    from quarl.formats import native
+
+    cc = native.compiler()
+    cached = cc is not None and any(native.cache_dir().glob(f"quarl_fq_{native._key(cc, _source())}.so"))
+    t0 = time.perf_counter()
+    lib = native.library()
+    what = "unavailable (eager fallback)" if lib is None else ("loaded from cache" if cached else "built")
+    print(f"native kernel {what} in {time.perf_counter() - t0:.2f} s ({native.cache_dir()})")
+
+
+def _source() -> str:
+    from quarl.formats.native_source import SOURCE
+
+    return SOURCE
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="testbed:tiny")
@@ -141,6 +159,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)  # 1 is the most stable choice on a shared machine
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
+    native_first_use()
     if not args.percall_only:
         bench_rollout(args, device)
     if not args.no_percall:

@@ -78,12 +78,31 @@ static inline int mx_byte(float amax, int mode, int even_mbits, int p, float rcp
 
 /* max |x| over n elements as an integer max of the sign-cleared bits (the fp order for non-NaN values, and it
    vectorizes); *bad = 1 when any element is NaN or +-Inf (bits >= 0x7F800000) */
-static inline float block_amax(const float* x, int64_t n, int* bad) {
+static inline uint32_t amax_bits(const float* x, int64_t n) {
     uint32_t m = 0;
     for (int64_t k = 0; k < n; k++) {
         uint32_t a = f2u(x[k]) & 0x7FFFFFFFu;
         m = a > m ? a : m;
     }
+    return m;
+}
+
+/* finite max and max over everything, of the sign-cleared bits of x[0..n) (a plain loop: it vectorizes) */
+static void amax_range(const float* restrict x, int64_t n, uint32_t* fin_max, uint32_t* all_max) {
+    uint32_t m = 0, mall = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t a = f2u(x[i]) & 0x7FFFFFFFu;
+        uint32_t fin = a & (0u - (uint32_t)(a < 0x7F800000u)); /* a if finite, else 0 (branch-free) */
+        m = fin > m ? fin : m;
+        mall = a > mall ? a : mall;
+    }
+    *fin_max = m;
+    *all_max = mall;
+}
+
+static inline float block_amax(const float* x, int64_t n, int* bad) {
+    /* constant trip counts for the common full blocks: one or two vector iterations, no loop overhead */
+    uint32_t m = n == 16 ? amax_bits(x, 16) : (n == 32 ? amax_bits(x, 32) : amax_bits(x, n));
     *bad = m >= 0x7F800000u;
     return u2f(m);
 }
@@ -112,6 +131,8 @@ int quarl_mx(const float* restrict x, float* restrict y, int64_t rows, int64_t l
                 for (int64_t k = 0; k < n; k++) ys[k] = round_int_grid(xs[k] * sc, lo, hi, step, half_away) * dq;
             } else if (half_away) {
                 for (int64_t k = 0; k < n; k++) ys[k] = round_float_grid(xs[k] * sc, mbits, emin, maxn, 1) * dq;
+            } else if (n == 32 && mbits == 1 && emin == 0) { /* mxfp4 full block: constants folded */
+                for (int k = 0; k < 32; k++) ys[k] = round_float_grid(xs[k] * sc, 1, 0, 6.0f, 0) * dq;
             } else {
                 for (int64_t k = 0; k < n; k++) ys[k] = round_float_grid(xs[k] * sc, mbits, emin, maxn, 0) * dq;
             }
@@ -130,12 +151,14 @@ int quarl_nvfp4(const float* restrict x, float* restrict y, int64_t rows, int64_
     float T = t_in;
     if (!has_t) {
         uint32_t m = 0, mall = 0; /* finite max and max over all (NaN / Inf bits are above every finite) */
+        int64_t nparts = (numel + 65535) / 65536;
         #pragma omp parallel for reduction(max : m, mall) schedule(static) num_threads(nthreads) if (nthreads > 1)
-        for (int64_t i = 0; i < numel; i++) {
-            uint32_t a = f2u(x[i]) & 0x7FFFFFFFu;
-            uint32_t fin = a < 0x7F800000u ? a : 0u;
-            m = fin > m ? fin : m;
-            mall = a > mall ? a : mall;
+        for (int64_t c = 0; c < nparts; c++) {
+            uint32_t fm, am;
+            int64_t lo = c * 65536;
+            amax_range(x + lo, numel - lo < 65536 ? numel - lo : 65536, &fm, &am);
+            m = fm > m ? fm : m;
+            mall = am > mall ? am : mall;
         }
         if (mall >= 0x7F800000u && !policy_block) return 1;
         T = u2f(m);
@@ -206,7 +229,10 @@ int quarl_nvfp4(const float* restrict x, float* restrict y, int64_t rows, int64_
                 float* ys = y + r * len + off;
                 if (bad[j]) { eager |= !policy_block; fill_nan(ys, n); continue; }
                 float m = mul[j], d = dq[j];
-                if (profile == 0) {
+                if (n == 16 && !half_away) {
+                    if (profile == 0) { for (int k = 0; k < 16; k++) ys[k] = e2m1(xs[k] / m, 0) * d; }
+                    else { for (int k = 0; k < 16; k++) ys[k] = e2m1(xs[k] * m, 0) * d; }
+                } else if (profile == 0) {
                     for (int64_t k = 0; k < n; k++) ys[k] = e2m1(xs[k] / m, half_away) * d;
                 } else {
                     for (int64_t k = 0; k < n; k++) ys[k] = e2m1(xs[k] * m, half_away) * d;
