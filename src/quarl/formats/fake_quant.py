@@ -9,10 +9,12 @@ because activation fake-quant ran under ``no_grad`` without an STE). The forward
   dequantization multiplier; e.g. MX FLOOR's [6, 8) * 2^s band for FP4).
 
 When no gradient is needed (``torch.no_grad`` or ``x.requires_grad == False``) the autograd.Function is skipped, so
-no graph is built. Large CPU tensors (>= 2^18 elements; CUDA only with ``QUARL_COMPILE=1``) use the compiled fast
-path (``fast.py``); it is bit-identical to the eager path and falls back to it on any failure. Its first call per
-format and process pays a ``torch.compile``: ~10-35 s cold, ~3-11 s once Inductor's on-disk cache holds it (measured
-on a busy 2-core CPU, see ``fast.py``); ``QUARL_COMPILE=0`` turns it off.
+no graph is built. Paths, all bit-identical to ``fake_quantize_eager``: MX and NVFP4 on CPU run the native C kernel
+(``native.py``; built once per machine, ~0.5 s; eager fallback without a compiler; ``QUARL_NATIVE=0`` turns it
+off), on CUDA the Triton kernels when ``QUARL_TRITON=1`` (``gpu.py``); other large CPU tensors (>= 2^18 elements;
+CUDA only with ``QUARL_COMPILE=1``) the compiled path (``fast.py``, whose first call per format and process pays a
+``torch.compile``: ~10-35 s cold, ~3-11 s from Inductor's on-disk cache; ``QUARL_COMPILE=0`` turns it off); the
+rest eager. :func:`fake_quantizer` binds a format once for hot loops (the injector's activation path).
 """
 
 from __future__ import annotations
@@ -93,10 +95,11 @@ def fake_quantize(
         Tensor like ``x``, equal bit for bit to ``dequantize(quantize(x, fmt))``.
 
     Note:
-        The first call with a large CPU tensor (>= 2^18 elements) compiles the fast path for that format, once per
-        process: ~10-35 s on a cold cache, ~3-11 s when Inductor's on-disk cache (``~/.cache/quarl/inductor``) has
-        it (busy 2-core CPU; the upper ends are the first format in a process). ``QUARL_COMPILE=0`` keeps
-        everything eager (same results, no compile).
+        MX / NVFP4: the first call on a machine builds the native kernel (~0.5 s, then cached on disk). Other
+        formats: the first call with a large CPU tensor (>= 2^18 elements) compiles the fast path for that format,
+        once per process: ~10-35 s on a cold cache, ~3-11 s when Inductor's on-disk cache
+        (``~/.cache/quarl/inductor``) has it. ``QUARL_NATIVE=0`` / ``QUARL_COMPILE=0`` keep everything eager (same
+        results).
 
     Example:
         >>> import torch
