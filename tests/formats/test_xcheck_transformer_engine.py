@@ -137,6 +137,22 @@ def test_te_transcription_2d_tiles() -> None:
     _check(x, block_2d=True)
 
 
+def test_te_encode_scale_is_a_true_division() -> None:
+    """S_enc = 2688 / amax is a division in TE; torch's ``2688.0 / T`` is ``T.reciprocal() * 2688``, 1 ulp off here,
+    which moved this block's scale from 72 to 80 (found by a search over amaxes; fixed in nvfp4._te_senc)."""
+    import struct
+
+    def f32(bits: int) -> float:
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 16] = f32(0x405E4A74), f32(0x3F16D717)  # amax 3.4732943, block amax 0.58921951
+    ref = _te_nvfp4(x)
+    assert ref["scales"].float()[0, 1] == 72.0
+    assert quantize(x, "nvfp4", profile="transformer_engine").scales.float()[0, 1] == 72.0
+    _check(x)
+
+
 def test_te_negative_zero_policy() -> None:
     """-0.0 -> TE code 0, quarl code 8 (documented); a tiny negative that rounds to zero -> code 8 in both."""
     x = torch.zeros(1, 16)

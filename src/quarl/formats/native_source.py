@@ -175,7 +175,7 @@ int quarl_nvfp4(const float* restrict x, float* restrict y, int64_t rows, int64_
         rp = 1.0f / pts;
         if (!(rp <= FLT_MAX)) return 1;
     } else {
-        senc = (1.0f / T) * 2688.0f;
+        senc = 2688.0f / T;
         senc = senc > FLT_MAX ? FLT_MAX : senc;
         if (T == 0.0f || senc == 0.0f) senc = 1.0f;
         sdec = 1.0f / senc;

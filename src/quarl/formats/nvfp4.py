@@ -128,7 +128,9 @@ def _scales_torchao(b: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def _te_senc(T: torch.Tensor) -> torch.Tensor:
-    s_enc = (_RANGE / T).clamp(max=_FP32_MAX)  # python-scalar / tensor is reciprocal*scalar in torch: divide explicitly
+    # TE divides (fp8_max * fp4_max / global_amax); `2688.0 / T` would be `T.reciprocal() * 2688` in torch
+    # (Tensor.__rdiv__), 1 ulp off for ~30% of amaxes, which can move a block scale (72 vs 80, see the TE xcheck)
+    s_enc = (torch.full_like(T, _RANGE) / T).clamp(max=_FP32_MAX)
     return torch.where((T == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
 
 
