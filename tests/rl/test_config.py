@@ -68,3 +68,19 @@ def test_examples_are_valid_ready_to_run_configs(name):
     cfg = load_config(text)
     assert isinstance(cfg, TrainConfig) and cfg.injection.scheme == "MXFP4" and cfg.aqn_enabled
     assert (cfg.grpo.tis_cap is not None) == (name == "tis")
+
+
+def test_an_untested_trl_version_fails_with_the_fix(monkeypatch):
+    from importlib import metadata
+
+    from quarl.rl import engine
+
+    assert engine.check_trl().startswith("1.16")
+    monkeypatch.setattr(metadata, "version", lambda name: "1.17.2")
+    with pytest.raises(ImportError, match=r"trl>=1.16,<1.17.*found trl 1.17.2"):
+        engine.check_trl()
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "version", missing)
+    with pytest.raises(ImportError, match=r"pip install -e '.\[train\]'"):
+        engine.check_trl()
