@@ -1,6 +1,6 @@
 """`quarl demo`: quantization-aware RL on the embedded testbed, offline on 2 CPU cores, in under 10 minutes.
 
-    quarl demo [--steps 40] [--n 300] [--out runs/demo/<time>] [--set grpo.lr=2.0e-4 ...]
+    quarl demo [--steps 40] [--n 500] [--out runs/demo/<time>] [--set grpo.lr=2.0e-4 ...]
     quarl demo --quick [--n 200]          # the one-minute showcase: formats error, accuracy table, diagnosis
 
 The training demo:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline: GRPO + LoRA recovers W4A4 accuracy on the testbed (--quick: showcase)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the one-minute showcase instead (no training)")
-    p.add_argument("--n", type=int, default=None, help="held-out problems (default 300; --quick: 200 per row)")
+    p.add_argument("--n", type=int, default=None, help="held-out problems (default 500; --quick: 200 per row)")
     p.add_argument("--steps", type=int, default=40, help="GRPO optimizer steps (16 prompts x 8 completions each)")
     p.add_argument("--model", default="testbed:tiny", help="model spec for quarl.models.load_model")
     p.add_argument("--out", type=Path, default=None, help="demo directory (default runs/demo/<UTC time>)")
@@ -109,7 +109,7 @@ def _demo_config(args: argparse.Namespace) -> tuple[str, list[str]]:
     """The shipped MXFP4 W4A4 + AQN example, shortened: validation at step 0, half way and the final step."""
     from quarl.cli.train import example_text
 
-    steps, n = args.steps, args.n or 300
+    steps, n = args.steps, args.n or 500
     overrides = [f"model.name={args.model}", f"grpo.steps={steps}", f"eval.n={n}", f"eval.every={max(1, steps // 2)}",
                  "eval.batch_size=100", "run.checkpoint_every=0", "run.name=demo", *args.overrides]
     return example_text("w4a4"), overrides

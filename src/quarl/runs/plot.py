@@ -102,7 +102,8 @@ def plot_groups(groups: Sequence[Group], path: Path, title: str | None = None,
     rows = math.ceil(len(labels) / ncol)
     legend_h = 0.045 * rows + 0.03  # figure fraction reserved for the legend under the panels
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9, frameon=False,
-               title="mean over seeds; band: 95% CI", title_fontsize=9)
+               title=("mean over seeds; band: 95% CI over seeds" if any(len(g.runs) > 1 for g in groups)
+                      else "one seed; band: 95% Wilson CI over validation problems"), title_fontsize=9)
     fig.tight_layout(rect=(0, legend_h, 1, 0.95 if title else 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
