@@ -100,3 +100,14 @@ def test_torch_checkpoint_recompute_is_not_a_fire():
         assert all(s["fires"] == {"training": 1} for s in inj.stats().values())
         inj.detach()
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_stats_every_zero_counts_fires_but_measures_no_activations(llama, ids):
+    with attach(llama, InjectionSpec(scheme="W4A4"), stats_every=0) as inj, torch.no_grad():
+        llama(ids)
+        llama(ids)
+        for s in inj.stats().values():
+            assert s["fires"] == {"unset": 2} and "input" not in s and s["weight"]["measured"] == 1
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="stats_every"):
+            attach(llama, InjectionSpec(scheme="W4A4"), stats_every=bad)

@@ -182,4 +182,7 @@ def quantize_blocks(
     if block_local:
         s8 = _poison(s8, b)
     values = round_elem(_element_input(xb, s8, g, fmt), E2M1, fmt.rounding, noise)
-    return BlockQuant(values, dequant_scale(s8, g, fmt), s8.to(torch.float8_e4m3fn), g)
+    dq = dequant_scale(s8, g, fmt)
+    if not block_local:  # NaN multipliers as the positive quiet NaN: the sign of a propagated NaN is backend noise
+        dq = torch.where(torch.isnan(dq), torch.full_like(dq, float("nan")), dq)
+    return BlockQuant(values, dq, s8.to(torch.float8_e4m3fn), g)

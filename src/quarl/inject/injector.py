@@ -120,7 +120,8 @@ class _ModuleInjection:
         self._warned_recompute = False
 
     def _measuring(self) -> bool:
-        return (self._calls - 1) % self.injector.stats_every == 0
+        every = self.injector.stats_every
+        return every > 0 and (self._calls - 1) % every == 0
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         phase, active = self.injector._gate()
@@ -178,8 +179,8 @@ class Injector:
 
     def __init__(self, model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None = None,
                  stats_every: int = 16) -> None:
-        if stats_every < 1:
-            raise ValueError(f"stats_every must be >= 1, got {stats_every}")
+        if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 0:
+            raise ValueError(f"stats_every must be an int >= 0 (0: no activation statistics), got {stats_every!r}")
         self.model = model
         self.spec = spec
         self.stats_every = stats_every
@@ -344,7 +345,8 @@ def attach(model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None =
         phase: initial phase ('rollout' | 'training'); see the module docstring for the policy when None.
         stats_every: measure activation error statistics on the first injected call of each module and every
             n-th after it (default 16: the reductions cost about as much as the fake quantization itself on CPU;
-            1 = every call). Weight statistics are measured once per weight version regardless.
+            1 = every call; 0 = never: fires are still counted, the hook path does no reductions at all). Weight
+            statistics are measured once per weight version regardless.
 
     Raises:
         ValueError: the spec matches zero modules, or a format cannot handle a selected module's features.
