@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from quarl.eval.harness import EvalConfig, GenerationConfig, run_eval
-from quarl.eval.metrics import wilson_interval
+from quarl.eval.results import source_metrics
 from quarl.inject.spec import Phase
 from quarl.runs import registry
 
@@ -49,12 +50,9 @@ class Validator:
     def __call__(self, step: int) -> dict[str, Any]:
         before = self._fires()
         t0 = time.perf_counter()
-        with self.hooks.phase("rollout"):
-            if self.cfg.eval.aqn and self.hooks.aqn is not None:
-                with self.hooks.aqn.noised(step):
-                    result = run_eval(self.model, self.tokenizer, self.problems, self.eval_cfg, progress=False)
-            else:
-                result = run_eval(self.model, self.tokenizer, self.problems, self.eval_cfg, progress=False)
+        noise = self.hooks.aqn.noised(step) if self.cfg.eval.aqn and self.hooks.aqn is not None else nullcontext()
+        with self.hooks.phase("rollout"), noise:
+            result = run_eval(self.model, self.tokenizer, self.problems, self.eval_cfg, progress=False)
         row = self._row(result, self._applied(before))
         row["val/time_s"] = time.perf_counter() - t0
         if self.out_dir is not None:
@@ -75,14 +73,14 @@ class Validator:
         return {"val/quant_modules": sum(1 for n in fired.values() if n), "val/quant_fires": sum(fired.values())}
 
     def _row(self, result: Any, applied: dict[str, Any]) -> dict[str, Any]:
-        samples = result.samples
-        n = len(samples)
-        row: dict[str, Any] = {"val/n": n}
+        by_source = result.metrics["by_source"]  # quarl.eval's accuracy block (Wilson CIs for one sample each)
+        m = next(iter(by_source.values())) if len(by_source) == 1 else source_metrics(result.samples)
+        row: dict[str, Any] = {"val/n": len(result.samples)}
         for kind in ("strict", "flexible"):
-            k = sum(getattr(s, f"correct_{kind}") for s in samples)
-            lo, hi = wilson_interval(k, n)
-            row.update({f"val/acc_{kind}": k / n, f"val/acc_{kind}_lo": lo, f"val/acc_{kind}_hi": hi})
-        row["val/format_rate"] = sum(s.extracted is not None for s in samples) / n
+            acc = m[kind]["mean@1"]
+            row.update({f"val/acc_{kind}": acc["value"], f"val/acc_{kind}_lo": acc["ci_low"],
+                        f"val/acc_{kind}_hi": acc["ci_high"]})
+        row["val/format_rate"] = m["format_rate"]["value"]
         row.update({k: v for k, v in result.metrics["verl"].items() if k.startswith("val-core/")})
         row.update(applied)
         return row
@@ -114,8 +112,7 @@ class RunRecorder(TrainerCallback):
         """Append one step's row to metrics.jsonl and TensorBoard (main process only)."""
         if not self.main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        registry.append_metrics(self.run_dir, row)  # also ends a line a killed writer left unterminated
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter
 

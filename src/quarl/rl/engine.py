@@ -1,7 +1,7 @@
 """TRL glue (the one engine-specific module; a verl adapter can follow the same seams).
 
 TRL 1.16's ``GRPOTrainer`` does the algorithm: group advantages, the grpo / dapo / dr_grpo / bnpo losses, clip-higher,
-PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by overriding three methods
+PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by overriding five methods
 (TRL_NOTES.md §1-4; line numbers refer to trl 1.16.0 ``trainer/grpo_trainer.py``):
 
 1. Explicit phases. ``module.training`` is True during TRL's generation, so it cannot be the signal. The injector is
@@ -157,9 +157,9 @@ class QuarlGRPOTrainer(GRPOTrainer):
                 adv = out["advantages"]
                 out["advantages"] = (adv.unsqueeze(1) if adv.dim() == 1 else adv) * w  # (B, T)
                 metrics["tis/weight_mean"].append(float(w[mask.bool()].mean()) if mask.any() else 1.0)
-        eos = torch.tensor(self.eos_token_ids, device=mask.device)
+        eos = set(self.eos_token_ids)
         rows = [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], mask)]
-        finished = [bool(r) and r[-1] in eos.tolist() for r in rows]
+        finished = [bool(r) and r[-1] in eos for r in rows]
         for key, value in rollout_health(rows, finished).items():
             metrics[key].append(value)
         for key, value in self.quarl.aqn_stats.items():
