@@ -38,6 +38,10 @@ ARMS = {  # name: (extra overrides, seeds)
     "ste_16x16": (W4A4 + ["grpo.generations=16"], (0,)),
     "ste_tis": (W4A4 + ["aqn.enabled=true", "grpo.tis_cap=2.0"], (0,)),
     "ste_cosine": (W4A4 + ["grpo.lr=2.0e-4", "grpo.lr_schedule=cosine"], (0,)),
+    # session 3: LoRA capacity (hidden is 96: r 64 can undo most of the linear, weight-side error), combined with
+    # the best knob so far (16 generations per prompt)
+    "ste_r64": (W4A4 + ["lora.r=64", "lora.alpha=128"], (0,)),
+    "ste_r64_16x16": (W4A4 + ["lora.r=64", "lora.alpha=128", "grpo.generations=16"], (0,)),
 }
 
 

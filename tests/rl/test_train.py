@@ -213,3 +213,51 @@ def test_aqn_during_both_phases_noises_the_training_forwards_too(tmp_path, tiny)
     row = read_metrics(tmp_path)[-1]
     assert row["mismatch/kl"] < 1e-6  # rollout and training saw the same noise: no mismatch
     assert hooks.aqn.applications == 1
+
+
+def _one_step(tmp_path, tiny, text):
+    from quarl.rl.run import _build
+
+    cfg = load_config(text, tiny + ["grpo.steps=1"])
+    (tmp_path / "metrics.jsonl").touch()
+    return _build(cfg, tmp_path, 0)
+
+
+def test_mismatch_comes_from_the_loss_forward_without_an_extra_pass(tmp_path, tiny):
+    """No TIS: one training-phase forward per step (the loss's); with TIS the extra no-grad forward comes back."""
+    for tis, forwards in ((None, 1), (1.5, 2)):
+        out = tmp_path / f"tis{tis}"
+        out.mkdir()
+        extra = f"\ngrpo: {{tis_cap: {tis}}}\n" if tis else "\n"
+        trainer, recorder, hooks, _ = _one_step(out, tiny, "injection: {scheme: MXFP4}\naqn: {sigma_start: 0.01, "
+                                                "schedule: constant}" + extra)
+        trainer.train()
+        recorder.close()
+        fires = [s["fires"].get("training", 0) for s in hooks.injector.stats().values()]
+        assert set(fires) == {forwards}, (tis, set(fires))
+        row = read_metrics(out)[-1]
+        assert row["mismatch/kl"] > 0 and row["mismatch/ratio_max"] > 1.0
+
+
+def test_loss_forward_mismatch_equals_a_separate_training_forward(tmp_path, tiny):
+    from quarl.rl.health import mismatch_stats
+
+    trainer, recorder, hooks, _ = _one_step(tmp_path, tiny, "injection: {scheme: MXFP4}\n"
+                                            "aqn: {sigma_start: 0.01, schedule: constant}\n")
+    separate = []
+    original = trainer._generate_and_score_completions
+
+    def wrapped(inputs):
+        out = original(inputs)
+        if trainer.model.training:
+            separate.append(mismatch_stats(trainer._training_logps(out), out["sampling_per_token_logps"],
+                                           out["completion_mask"], hooks.mismatch_cap))
+        return out
+
+    trainer._generate_and_score_completions = wrapped
+    trainer.train()
+    recorder.close()
+    row = read_metrics(tmp_path)[-1]
+    assert len(separate) == 1 and separate[0]["mismatch/kl"] > 0
+    for key, value in separate[0].items():  # same tokens, same phase, same weights (no_grad vs grad only)
+        assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key

@@ -1,7 +1,7 @@
 """TRL glue (the one engine-specific module; a verl adapter can follow the same seams).
 
 TRL 1.16's ``GRPOTrainer`` does the algorithm: group advantages, the grpo / dapo / dr_grpo / bnpo losses, clip-higher,
-PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by overriding five methods
+PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by overriding eight methods
 (TRL_NOTES.md §1-4; line numbers refer to trl 1.16.0 ``trainer/grpo_trainer.py``):
 
 1. Explicit phases. ``module.training`` is True during TRL's generation, so it cannot be the signal. The injector is
@@ -12,9 +12,12 @@ PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by o
 3. Rollout-phase log-probs: TRL returns ``logprobs=None`` on the HF path (G:1889), so ``generate`` is wrapped for the
    call to also return the (temperature-scaled) scores, and the sampled tokens' log-probs are returned to TRL, which
    pads them into ``sampling_per_token_logps``.
-4. Mismatch, TIS and rollout health: ``_generate_and_score_completions`` computes the training-phase log-probs of the
-   same tokens (one extra no-grad forward, phase ``training``), logs ``mismatch/*``, and with ``tis_cap`` multiplies
-   each token's advantage by the detached truncated ratio (TRL's own IS is gated on ``use_vllm``, G:2660/3146).
+4. Mismatch, TIS and rollout health. The training-phase log-probs of the sampled tokens come from the loss forward
+   itself (``_compute_loss`` captures them, detached: no extra pass), or from TRL's ``old_per_token_logps`` when it
+   computes them (num_iterations > 1, vLLM). Only ``tis_cap`` needs them before the loss: then one extra no-grad
+   forward (phase ``training``) runs in ``_generate_and_score_completions``, which multiplies each token's advantage
+   by the detached truncated ratio (TRL's own IS is gated on ``use_vllm``, G:2660/3146). ``mismatch/*`` and
+   ``rollout/*`` are pooled over every rank's tokens and completions.
 5. Resumable quarl state: ``_save_checkpoint`` adds ``quarl_state.json`` and, after every rank finished writing, a
    ``quarl_complete`` marker -- TRL's ``get_last_checkpoint`` would return a half-written directory after SIGKILL.
 """
@@ -32,7 +35,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
-from quarl.rl.health import mismatch_stats, rollout_health, tis_weights
+from quarl.rl.health import mismatch_from_sums, mismatch_sums, pool_sums, rollout_health, tis_weights
 
 logger = logging.getLogger(__name__)
 TRL_MIN, TRL_MAX = "1.16", "1.17"  # tested range: trl>=1.16,<1.17
@@ -100,6 +103,8 @@ class QuarlGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, quarl: RolloutHooks, **kwargs: Any) -> None:
         self.quarl = quarl
+        self._logps_sink: list[torch.Tensor] | None = None  # set inside _compute_loss: captures the loss's log-probs
+        self._mismatch_acc: torch.Tensor | None = None  # (5,) mismatch sums pooled until the next log
         super().__init__(*args, **kwargs)
 
     # --- generation: phase rollout, AQN, log-probs -------------------------------------------------------------------
@@ -145,26 +150,69 @@ class QuarlGRPOTrainer(GRPOTrainer):
         metrics = self._metrics["train"]
         mask = out["completion_mask"]  # (B, T)
         rollout_lp = out.get("sampling_per_token_logps")  # (B, T) or None
-        if rollout_lp is not None:
-            train_lp = out.get("old_per_token_logps")
-            if train_lp is None:
-                train_lp = self._training_logps(out)
+        train_lp = out.get("old_per_token_logps")  # TRL computed it (num_iterations > 1, vLLM): reuse it
+        if rollout_lp is not None and train_lp is None and self.quarl.tis_cap is not None:
+            train_lp = self._training_logps(out)  # TIS needs the ratio before the loss: one extra no-grad forward
+        if rollout_lp is not None and train_lp is not None:
             cap = self.quarl.tis_cap or self.quarl.mismatch_cap
-            for key, value in mismatch_stats(train_lp, rollout_lp, mask, cap).items():
-                metrics[key].append(value)
+            self._pool_mismatch(mismatch_sums(train_lp, rollout_lp, mask, cap))
             if self.quarl.tis_cap is not None and not self.use_vllm:  # with vLLM, TRL's token_truncate IS
                 w = tis_weights(train_lp, rollout_lp, mask, self.quarl.tis_cap)  # (B, T)
                 adv = out["advantages"]
                 out["advantages"] = (adv.unsqueeze(1) if adv.dim() == 1 else adv) * w  # (B, T)
-                metrics["tis/weight_mean"].append(float(w[mask.bool()].mean()) if mask.any() else 1.0)
+                n = self.accelerator.gather(torch.stack([w[mask.bool()].sum(), mask.sum()]).double()[None]).sum(0)
+                metrics["tis/weight_mean"].append(float(n[0] / n[1]) if n[1] > 0 else 1.0)
         eos = set(self.eos_token_ids)
         rows = [ids[m.bool()].tolist() for ids, m in zip(out["completion_ids"], mask)]
         finished = [bool(r) and r[-1] in eos for r in rows]
-        for key, value in rollout_health(rows, finished).items():
-            metrics[key].append(value)
+        health = rollout_health(rows, finished)  # rates over this rank's completions, weighted by their count
+        counts = torch.tensor([[v * len(rows) for v in health.values()] + [len(rows)]], dtype=torch.float64,
+                              device=mask.device)
+        counts = self.accelerator.gather(counts).sum(0)  # (K+1,): every rank's completions
+        for i, key in enumerate(health):
+            metrics[key].append(float(counts[i] / counts[-1]))
         for key, value in self.quarl.aqn_stats.items():
             metrics[key].append(float(value))
         return out
+
+    def _compute_loss(self, model, inputs):
+        """Without TIS and without TRL's old log-probs, the mismatch comes from the loss forward itself (the
+        training-phase log-probs of the same tokens, detached): no extra forward pass per step."""
+        rollout_lp = inputs.get("sampling_per_token_logps")
+        if (not self.model.training or rollout_lp is None or self.quarl.tis_cap is not None
+                or inputs.get("old_per_token_logps") is not None):
+            return super()._compute_loss(model, inputs)
+        self._logps_sink = []
+        try:
+            loss = super()._compute_loss(model, inputs)
+            captured = self._logps_sink
+        finally:
+            self._logps_sink = None
+        self._pool_mismatch(mismatch_sums(captured[0], rollout_lp, inputs["completion_mask"],
+                                          self.quarl.mismatch_cap))
+        return loss
+
+    def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        sink = self._logps_sink
+        if sink is not None and not sink:  # inside _compute_loss: the first call is the policy's log-probs
+            sink.append(result[0].detach())  # (B, T)
+        return result
+
+    def _pool_mismatch(self, sums: torch.Tensor) -> None:
+        """Pool (5,) mismatch sums over ranks now and over micro-batches until the next ``log``."""
+        gathered = self.accelerator.gather(sums[None])  # (world, 5)
+        if self._mismatch_acc is not None:
+            gathered = torch.cat([gathered, self._mismatch_acc[None]])
+        self._mismatch_acc = pool_sums(gathered)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        acc = self._mismatch_acc
+        if acc is not None and self.model.training:  # one value per logged window, pooled over its tokens
+            for key, value in mismatch_from_sums(acc).items():
+                self._metrics["train"][key].append(value)
+            self._mismatch_acc = None
+        super().log(logs, start_time)
 
     @torch.no_grad()
     def _training_logps(self, out: dict) -> torch.Tensor:

@@ -26,9 +26,10 @@ from collections.abc import Sequence
 import torch
 
 
-def mismatch_stats(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor,
-                   cap: float) -> dict[str, float]:
-    """Mismatch metrics over the masked tokens (see the module docstring).
+def mismatch_sums(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor,
+                  cap: float) -> torch.Tensor:
+    """(5,) float64 sufficient statistics of the mismatch over the masked tokens, poolable across micro-batches and
+    ranks (add everything but entry 2, which pools by max): [sum k3, sum ratio, max ratio, tokens above cap, tokens].
 
     Args:
         logp_train: (B, T) training-phase log-probs of the sampled tokens.
@@ -37,17 +38,35 @@ def mismatch_stats(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: t
         cap: ratio threshold for ``frac_above_cap``.
     """
     m = mask.bool()  # (B, T)
-    if not bool(m.any()):
+    log_ratio = (logp_train.detach().double() - logp_rollout.detach().double())[m]  # (N,)
+    ratio = log_ratio.exp()  # (N,)
+    if ratio.numel() == 0:
+        return torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64, device=mask.device)
+    return torch.stack([(ratio - 1 - log_ratio).sum(), ratio.sum(), ratio.max(), (ratio > cap).sum().double(),
+                        torch.tensor(float(ratio.numel()), dtype=torch.float64, device=ratio.device)])
+
+
+def pool_sums(sums: torch.Tensor) -> torch.Tensor:
+    """(K, 5) -> (5,): pool :func:`mismatch_sums` rows (micro-batches, ranks)."""
+    out = sums.sum(0)
+    out[2] = sums[:, 2].max()
+    return out
+
+
+def mismatch_from_sums(sums: torch.Tensor) -> dict[str, float]:
+    """The ``mismatch/*`` metrics of pooled :func:`mismatch_sums` (no tokens: no mismatch)."""
+    k3, ratio, ratio_max, above, n = (float(x) for x in sums)
+    if n == 0:
         return {"mismatch/kl": 0.0, "mismatch/ratio_mean": 1.0, "mismatch/ratio_max": 1.0,
                 "mismatch/frac_above_cap": 0.0}
-    log_ratio = (logp_train.float() - logp_rollout.float())[m]  # (N,)
-    ratio = log_ratio.exp()  # (N,)
-    return {
-        "mismatch/kl": float((ratio - 1 - log_ratio).mean()),
-        "mismatch/ratio_mean": float(ratio.mean()),
-        "mismatch/ratio_max": float(ratio.max()),
-        "mismatch/frac_above_cap": float((ratio > cap).float().mean()),
-    }
+    return {"mismatch/kl": k3 / n, "mismatch/ratio_mean": ratio / n, "mismatch/ratio_max": ratio_max,
+            "mismatch/frac_above_cap": above / n}
+
+
+def mismatch_stats(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor,
+                   cap: float) -> dict[str, float]:
+    """Mismatch metrics over the masked tokens of one batch (see the module docstring and :func:`mismatch_sums`)."""
+    return mismatch_from_sums(mismatch_sums(logp_train, logp_rollout, mask, cap))
 
 
 def tis_weights(logp_train: torch.Tensor, logp_rollout: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
