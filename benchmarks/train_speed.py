@@ -4,7 +4,8 @@
 
 Same model (testbed + PEFT LoRA r16 on all projections), same TRL GRPOConfig (quarl builds it: 16 prompts x 8,
 160 new tokens), same seed. The plain TRL trainer gets the same reward function and nothing else. quarl adds its
-phase switch, rollout log-prob capture, the mismatch forward (one extra no-grad forward per step), health metrics
+phase switch, rollout log-prob capture, the mismatch metrics (from the loss forward since session 3; an extra
+no-grad forward only with TIS), health metrics
 and its run recording; validation time is excluded (it is not part of a step). The arms alternate step blocks in
 one process so machine load hits them alike; the first step of each arm is dropped (warm-up). Prints median s/step
 and the ratios.
