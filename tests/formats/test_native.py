@@ -81,12 +81,79 @@ def test_native_shape_classes(name, opts):
     # decode rows, partial last blocks, 1-D / 3-D, large enough for the multi-threaded path, non-contiguous
     fmt = get_format(name, **opts)
     g = torch.Generator().manual_seed(3)
-    shapes = [(1, 96), (64, 96), (7, 40), (3, 5), (200,), (2, 3, 576), (130, 1024)]
+    # (5, 45), (3, 1000): tails that are no multiple of the 8-lane vectors; (2, 4100), (70000,), (20, 4100): several
+    # chunks of 64 blocks per row and a partial last block (the last two multi-threaded, the last with many rows)
+    shapes = [(1, 96), (64, 96), (7, 40), (3, 5), (200,), (2, 3, 576), (130, 1024), (5, 45), (3, 1000), (2, 4100),
+              (70000,), (20, 4100)]
     for shape in shapes:
         x = torch.randn(*shape, generator=g) * 3
         assert _check(x, fmt), shape
     x = torch.randn(96, 64, generator=g)
     assert _check(x.t(), fmt)  # non-contiguous input: made contiguous, same result
+
+
+def _every_block_scale(seed: int) -> torch.Tensor:
+    """One 32-block per amax exponent E in [-149, 127] (every E8M0 byte, both clamps, the kernel's mxfp4 fast path
+    and its edges at bytes 1 and 230): amax 1.5 * 2^E, E2M1 ties at that scale and their fp32 neighbours,
+    random magnitudes down to subnormals, signed zeros, random signs."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for e in range(-149, 128):
+        q = 2.0 ** (e - 2)  # the FLOOR scale of a block whose amax is 1.5 * 2^e = 6 * q
+        ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 7.0], dtype=torch.float64) * q
+        near = torch.cat([ties * (1 + 2.0**-23), ties * (1 - 2.0**-23)])
+        rand = torch.rand(5, generator=g, dtype=torch.float64) * 2.0 ** (e - torch.randint(0, 40, (5,), generator=g))
+        sub = torch.randint(1, 1 << 20, (1,), generator=g).double() * 2.0**-149
+        row = torch.cat([torch.tensor([1.5 * 2.0**e, 0.0]), ties, near, rand, sub])  # 32 values
+        rows.append(row)
+    x = torch.stack(rows).float()  # (277, 32): whole blocks, the fast paths' shape
+    sign = torch.randint(0, 2, x.shape, generator=g).bool()
+    return torch.where(sign, -x, x)
+
+
+@pytest.mark.parametrize("name,opts", MX_VARIANTS[:8] + NV_VARIANTS[::2], ids=IDS[:8] + IDS[len(MX_VARIANTS)::2])
+def test_native_every_block_scale(name, opts):
+    fmt = get_format(name, **opts)
+    for seed in (0, 1):
+        x = _every_block_scale(seed)
+        assert _check(x, fmt)
+        assert _check(x.reshape(-1)[:-3], fmt)  # a partial last block; NVFP4: one tensor scale over all of them
+
+
+@pytest.mark.parametrize("name,opts", [("mxfp4", {}), ("nvfp4", {}), ("nvfp4", {"profile": "torchao"}),
+                                       ("nvfp4", {"profile": "transformer_engine", "nonfinite": "block"})])
+def test_native_multithreaded_nonfinite(name, opts):
+    # both NVFP4 passes in one parallel region: the tensor amax, the reference policy's "eager decides", NaN blocks
+    fmt, threads = get_format(name, **opts), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = FINITE["outliers"](rows=256, cols=512, seed=4)  # 131072 elements: the multi-threaded path
+        for y in (x, nonfinite(x, seed=4), nonfinite(x, seed=5, frac=1e-4)):
+            _check(y, fmt)
+        assert _check(x, fmt)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_native_portable_build(monkeypatch, tmp_path):
+    # the generic vector code (no AVX2 intrinsics) that other CPUs build, on the adversarial sets
+    from quarl.formats.native_source import SOURCE
+
+    cc = native.compiler()
+    path = tmp_path / "quarl_fq_portable.so"
+    native._build(cc, "#define QUARL_PORTABLE 1\n" + SOURCE, path)
+    lib = native.load(path)
+    monkeypatch.setattr(native, "library", lambda: lib)
+    try:
+        for name, opts in [("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("mxfp8_e4m3", {}),
+                           ("nvfp4", {}), ("nvfp4", {"profile": "torchao", "rounding": "half_away"})]:
+            fmt = get_format(name, **opts)
+            for family, gen in FINITE.items():
+                assert _check(gen(rows=16, cols=96, seed=0), fmt) or family == "all_zero"
+            assert _check(_every_block_scale(0), fmt) and _check(torch.randn(3, 45), fmt)
+            _check(_edges(), fmt)
+    finally:
+        native._bound.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -155,6 +222,7 @@ def test_build_failure_falls_back_to_eager(monkeypatch, tmp_path, caplog):
 
 
 def test_cache_key_depends_on_source(monkeypatch):
+    # the built library's name carries the key, so an edited source is rebuilt (not a stale .so loaded)
     cc = native.compiler()
     if cc is None:
         pytest.skip("no compiler")

@@ -2,8 +2,11 @@
 
 Why: eager fake quantization is ~25 torch ops (~150-300 us per call at decode shapes on a 2-core CPU, while the matmul
 it feeds takes 15 us); ``torch.compile`` fuses them but pays Dynamo guards and a 10-35 s compile per format. The C
-kernel in ``native_source.py`` does the whole block -- amax, scale, rounding, dequantization -- in registers: a few us
-per decode-shape call, and one read + one write of memory for large tensors (OpenMP across blocks).
+kernel in ``native_source.py`` does the whole block -- amax, scale, rounding, dequantization -- in 8-lane vector
+registers: a few us per decode-shape call; per element on one core of the 2-core dev machine about 0.2-0.3 ns
+(MXFP4) and 0.33-0.45 ns (NVFP4: a tensor-amax pass first), per call 1.2-2.3x (MXFP4) and 1.7-3.1x (NVFP4) a clone
+of the same tensor at 256K elements, less from there up (``benchmarks/formats.py --percall``). OpenMP across chunks of blocks with ``torch.get_num_threads()`` threads from
+``PARALLEL_MIN`` elements (torch's own OpenMP runtime, so one thread pool); one thread calls no OpenMP at all.
 
 Contract: bit-identical to ``fake_quantize_eager`` (values, signs of zero, NaN positions), for every input it
 accepts; tests/formats/test_native.py checks it on the adversarial sets. Anything it does not serve returns None and
@@ -20,7 +23,8 @@ into ``$QUARL_CACHE_DIR/native/`` (default ``~/.cache/quarl/native``), keyed by 
 the compiler and the CPU, then loads it with ctypes; later processes just load it. Flags: ``-O3 -march=native``
 (retried without ``-march=native``, then without OpenMP) and always ``-ffp-contract=off`` (no FMA contraction) and
 no ``-ffast-math``. No compiler, a failed build or a failed load: logged once, and every call falls back to eager.
-``QUARL_NATIVE=0`` turns the path off.
+``QUARL_NATIVE=0`` turns the path off. Calls go through ``quarl_mx_fq`` / ``quarl_nvfp4_fq`` with the per-format
+constants in one ctypes struct built once per format (6 arguments to convert per call instead of 18).
 
 State: the loaded library is memoized by :func:`library` (``functools.lru_cache``, ``library.cache_clear()`` resets
 it); there are no other module globals.
@@ -53,9 +57,23 @@ PARALLEL_MIN = 1 << 16  # elements from which the kernel uses torch's intra-op t
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
 _MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
 _PROFILE = {Profile.COMPRESSED_TENSORS: 0, Profile.TORCHAO: 1, Profile.TRANSFORMER_ENGINE: 2}
-_I64, _INT, _F32, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-_MX_ARGS = [_PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT, _F32, _INT, _INT, _INT, _F32, _F32, _F32, _F32, _INT, _INT]
-_NV_ARGS = [_PTR, _PTR, _I64, _I64, _I64, _INT, _INT, _INT, _F32, _INT, _INT]
+_I64, _I32, _F32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+_CALL_ARGS = [_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int]  # x, y, rows, len, &params, threads
+
+
+class _MXParams(ctypes.Structure):
+    """``mx_params`` of the C source: :func:`_mx_args` in one struct, built once per format."""
+
+    _fields_ = [("block", _I64), ("mode", _I32), ("even_mbits", _I32), ("p", _I32), ("rcp_max", _F32),
+                ("is_int", _I32), ("mbits", _I32), ("emin", _I32), ("maxn", _F32), ("step", _F32), ("lo", _F32),
+                ("hi", _F32), ("half_away", _I32)]
+
+
+class _NVParams(ctypes.Structure):
+    """``nv_params`` of the C source: block, profile, block-local policy, static amax (has_t, t), half-away."""
+
+    _fields_ = [("block", _I64), ("profile", _I32), ("policy_block", _I32), ("has_t", _I32), ("t", _F32),
+                ("half_away", _I32)]
 
 
 def cache_dir() -> Path:
@@ -91,14 +109,14 @@ def _attempts() -> list[tuple[str, ...]]:
     return [("-march=native", "-fopenmp"), ("-fopenmp",), ()]
 
 
-def _build(cc: str, src: str, out: Path) -> tuple[str, ...]:
-    """Compile ``src`` into ``out`` with the first flag set that works; returns the flags used."""
+def _build(cc: str, src: str, out: Path, attempts: list[tuple[str, ...]] | None = None) -> tuple[str, ...]:
+    """Compile ``src`` into ``out`` with the first flag set that works (default :func:`_attempts`); returns it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         c_file = Path(tmp) / "quarl_fq.c"
         c_file.write_text(src, encoding="utf-8")
         errors = []
-        for extra in _attempts():
+        for extra in _attempts() if attempts is None else attempts:
             so = Path(tmp) / "quarl_fq.so"
             cmd = [cc, *BASE_FLAGS, *extra, str(c_file), "-o", str(so)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -131,13 +149,18 @@ def library() -> ctypes.CDLL | None:
             extra = _build(cc, SOURCE, path)
             logger.info("quarl.formats: built the native kernel in %.1f s (%s %s) -> %s",
                         time.perf_counter() - t0, os.path.basename(cc), " ".join(extra) or "(portable)", path)
-        lib = ctypes.CDLL(str(path))
-        lib.quarl_mx.argtypes, lib.quarl_mx.restype = _MX_ARGS, ctypes.c_int
-        lib.quarl_nvfp4.argtypes, lib.quarl_nvfp4.restype = _NV_ARGS, ctypes.c_int
-        return lib
+        return load(path)
     except Exception as err:  # noqa: BLE001 -- any build/load failure means: use the other paths
         logger.warning("quarl.formats: native kernel unavailable (%s); using the eager/compiled paths", err)
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built kernel library with its entry points typed (``quarl_mx_fq``, ``quarl_nvfp4_fq``)."""
+    lib = ctypes.CDLL(str(path))
+    for fn in (lib.quarl_mx_fq, lib.quarl_nvfp4_fq):
+        fn.argtypes, fn.restype = _CALL_ARGS, ctypes.c_int
+    return lib
 
 
 def serves(fmt: QFormat) -> bool:
@@ -182,6 +205,17 @@ def _static_amax(global_amax: torch.Tensor | None) -> tuple[int, float] | None:
     return None if t != t or abs(t) == float("inf") else (1, t)
 
 
+def _params(fmt: QFormat, static: tuple[int, float] = (0, 0.0)) -> ctypes.Structure:
+    """The C kernel's parameter struct for ``fmt`` (NVFP4: with the static amax ``(has_t, t)``)."""
+    if fmt.family is Family.MX:
+        return _MXParams(*_mx_args(fmt))
+    return _NVParams(*_nv_args(fmt), *static, int(fmt.rounding is RoundingMode.HALF_AWAY))
+
+
+def _kernel(lib: ctypes.CDLL, fmt: QFormat) -> Callable:
+    return lib.quarl_mx_fq if fmt.family is Family.MX else lib.quarl_nvfp4_fq
+
+
 def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
     """The kernel for one format with its arguments resolved once (the hot-loop form of :func:`fake_quantize`).
 
@@ -194,15 +228,14 @@ def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
     lib = library()
     if lib is None:
         return None
-    if fmt.family is Family.MX:
-        kernel, args = lib.quarl_mx, _mx_args(fmt)
-    else:
-        kernel, args = lib.quarl_nvfp4, (*_nv_args(fmt), 0, 0.0, int(fmt.rounding is RoundingMode.HALF_AWAY))
+    kernel, params = _kernel(lib, fmt), _params(fmt)
+    ref = ctypes.byref(params)  # (the closure keeps params alive)
     block, axis, f32 = fmt.block_size, fmt.axis, torch.float32
+    threads_of = torch.get_num_threads
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
         ndim = x.dim()
-        if x.device.type != "cpu" or ndim == 0 or not x.is_floating_point() or axis not in (-1, ndim - 1):
+        if not x.is_cpu or ndim == 0 or not x.is_floating_point() or axis not in (-1, ndim - 1):
             return None
         x32 = x if x.dtype is f32 and x.is_contiguous() else x.to(f32).contiguous()
         numel, length = x32.numel(), x32.shape[-1]
@@ -210,8 +243,8 @@ def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
             return None
         y = torch.empty_like(x32)
         rows, length = (1, numel) if length % block == 0 else (numel // length, length)
-        threads = torch.get_num_threads() if numel >= PARALLEL_MIN else 1
-        return y if kernel(x32.data_ptr(), y.data_ptr(), rows, length, *args, threads) == 0 else None
+        threads = threads_of() if numel >= PARALLEL_MIN else 1
+        return y if kernel(x32.data_ptr(), y.data_ptr(), rows, length, ref, threads) == 0 else None
 
     return run
 
@@ -249,8 +282,8 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat, global_amax: torch.Tensor | Non
     rows = x32.numel() // length
     if length % fmt.block_size == 0:  # no partial blocks: one flat run of blocks (scale passes span rows)
         rows, length = 1, x32.numel()
-    status = lib.quarl_nvfp4(x32.data_ptr(), y.data_ptr(), rows, length, *_nv_args(fmt), *static,
-                             int(fmt.rounding is RoundingMode.HALF_AWAY), _threads(x32.numel()))
+    status = _kernel(lib, fmt)(x32.data_ptr(), y.data_ptr(), rows, length, ctypes.byref(_params(fmt, static)),
+                               _threads(x32.numel()))
     return y if status == 0 else None
 
 
