@@ -1,21 +1,30 @@
 """Benchmark: quarl ``fake_quantize`` (nvfp4, mxfp4) vs ``x.clone()`` and the reference libraries' fake-quant.
 
 Run: python benchmarks/formats.py [--size 4096] [--repeats 5]
+     python benchmarks/formats.py --percall [--threads 1,2] [--rounds 41]
 
-Prints, for a (size x size) fp32 CPU tensor, the median time of each path and its ratio to ``x.clone()``, plus
+Default: for a (size x size) fp32 CPU tensor, the median time of each path and its ratio to ``x.clone()``, plus
 whether quarl's compiled and eager results are bit-identical to each other and to the reference (issue 2 part D:
-target <= 3x a clone). The first compiled call (compile or cache load) is timed separately. No asserts.
+target <= 3x a clone). The first compiled call (compile or cache load) is timed separately.
+
+``--percall``: activation fake-quant per call (no_grad, fp32) from 64K to 16M elements against a clone of the same
+tensor, for each thread count (issue 9: <= 3x a clone from 256K elements, 4096^2 <= 1.5x). Each round times a
+~0.5 ms batch of every path back to back (clone, then ``fake_quantize`` and the bound ``fake_quantizer`` of the
+activation hooks, for MXFP4 and NVFP4), in a rotating order; the table gives each path's median per-call time over
+the rounds and its ratio to the clone's median. Short batches keep a shared, loaded machine from charging its
+preemptions to the longer path; the load average is printed with the table. No asserts.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 
-from quarl.formats import fake_quantize, get_format
+from quarl.formats import fake_quantize, fake_quantizer, get_format
 from quarl.formats.quantize import fake_quantize_eager
 
 
@@ -73,11 +82,70 @@ PROFILES = {("compressed-tensors", "nvfp4"): "compressed_tensors", ("torchao", "
             ("compressed-tensors", "mxfp4"): "compressed_tensors", ("torchao", "mxfp4"): "ocp"}
 
 
+PERCALL_SHAPES = [(64, 1024), (64, 4096), (256, 4096), (1024, 4096), (4096, 4096)]
+
+
+def _batch_us(fn, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def _percall_row(x: torch.Tensor, rounds: int) -> dict[str, tuple[float, float]]:
+    """{path: (median us per call, its ratio to the clone's median)} for one tensor."""
+    fmts = {"mx": get_format("mxfp4"), "nv": get_format("nvfp4")}
+    paths = {"clone": x.clone}
+    for n, f in fmts.items():
+        paths[n] = lambda f=f: fake_quantize(x, f)
+        paths[n + " bound"] = lambda q=fake_quantizer(f): q(x)
+    # batches of ~0.5 ms per path: well under a scheduler time slice, so that most batches of every path run
+    # uncontended and the medians compare like with like on a loaded machine
+    reps = {k: max(1, round(500 / max(1.0, min(_batch_us(fn, 1) for _ in range(3))))) for k, fn in paths.items()}
+    times = {k: [] for k in paths}
+    names = list(paths)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            times[k].append(_batch_us(paths[k], reps[k]))
+    clone = statistics.median(times["clone"])
+    return {k: (statistics.median(v), statistics.median(v) / clone) for k, v in times.items()}
+
+
+def percall(thread_counts: list[int], rounds: int) -> None:
+    """Print the per-call table (see the module docstring)."""
+    default = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} "
+          f"(1 min), fp32, no_grad; median of {rounds} rounds")
+    print(f"{'threads':>7s} {'shape':>12s} {'numel':>9s} | {'clone us':>9s} {'mx us':>9s} {'nv us':>9s} | "
+          "mx/clone nv/clone | bound: mx/clone nv/clone | == eager")
+    with torch.no_grad():
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            for shape in PERCALL_SHAPES:
+                x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+                row = _percall_row(x, rounds)
+                exact = all(torch.equal(fake_quantize(x, n), fake_quantize_eager(x, get_format(n)))
+                            for n in ("mxfp4", "nvfp4"))
+                print(f"{threads:7d} {str(shape):>12s} {x.numel():9d} | {row['clone'][0]:9.1f} "
+                      f"{row['mx'][0]:9.1f} {row['nv'][0]:9.1f} | {row['mx'][1]:8.2f} {row['nv'][1]:8.2f} | "
+                      f"{row['mx bound'][1]:14.2f} {row['nv bound'][1]:8.2f} | {exact}", flush=True)
+    torch.set_num_threads(default)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--percall", action="store_true", help="the per-call table from 64K to 16M elements instead")
+    p.add_argument("--threads", default=None, help="comma-separated thread counts for --percall (default: 1,N)")
+    p.add_argument("--rounds", type=int, default=41, help="rounds per row for --percall")
     args = p.parse_args()
+    if args.percall:
+        n = torch.get_num_threads()
+        counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, n})
+        percall(counts, args.rounds)
+        return
     x = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
     t_clone = _time(lambda: x.clone(), args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, x: {tuple(x.shape)} fp32 CPU")
