@@ -5,8 +5,9 @@ it feeds takes 15 us); ``torch.compile`` fuses them but pays Dynamo guards and a
 kernel in ``native_source.py`` does the whole block -- amax, scale, rounding, dequantization -- in 8-lane vector
 registers: a few us per decode-shape call; per element on one core of the 2-core dev machine about 0.2-0.3 ns
 (MXFP4) and 0.33-0.45 ns (NVFP4: a tensor-amax pass first), per call 1.2-2.3x (MXFP4) and 1.7-3.1x (NVFP4) a clone
-of the same tensor at 256K elements, less from there up (``benchmarks/formats.py --percall``). OpenMP across chunks of blocks with ``torch.get_num_threads()`` threads from
-``PARALLEL_MIN`` elements (torch's own OpenMP runtime, so one thread pool); one thread calls no OpenMP at all.
+of the same tensor at 256K elements, less from there up (``benchmarks/formats.py --percall``). OpenMP across chunks
+of blocks with ``torch.get_num_threads()`` threads from ``PARALLEL_MIN`` elements (torch's own OpenMP runtime, so
+one thread pool); one thread calls no OpenMP at all.
 
 Contract: bit-identical to ``fake_quantize_eager`` (values, signs of zero, NaN positions), for every input it
 accepts; tests/formats/test_native.py checks it on the adversarial sets. Anything it does not serve returns None and

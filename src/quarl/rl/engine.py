@@ -150,10 +150,10 @@ class QuarlGRPOTrainer(GRPOTrainer):
         metrics = self._metrics["train"]
         mask = out["completion_mask"]  # (B, T)
         rollout_lp = out.get("sampling_per_token_logps")  # (B, T) or None
-        train_lp = out.get("old_per_token_logps")  # TRL computed it (num_iterations > 1, vLLM): reuse it
-        if rollout_lp is not None and train_lp is None and self.quarl.tis_cap is not None:
-            train_lp = self._training_logps(out)  # TIS needs the ratio before the loss: one extra no-grad forward
-        if rollout_lp is not None and train_lp is not None:
+        if rollout_lp is not None and not self._mismatch_from_loss(out):
+            train_lp = out.get("old_per_token_logps")  # TRL computed it (num_iterations > 1, vLLM): reuse it
+            if train_lp is None:  # TIS needs the ratio before the loss: one extra no-grad forward
+                train_lp = self._training_logps(out)
             cap = self.quarl.tis_cap or self.quarl.mismatch_cap
             self._pool_mismatch(mismatch_sums(train_lp, rollout_lp, mask, cap))
             if self.quarl.tis_cap is not None and not self.use_vllm:  # with vLLM, TRL's token_truncate IS
@@ -178,9 +178,7 @@ class QuarlGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         """Without TIS and without TRL's old log-probs, the mismatch comes from the loss forward itself (the
         training-phase log-probs of the same tokens, detached): no extra forward pass per step."""
-        rollout_lp = inputs.get("sampling_per_token_logps")
-        if (not self.model.training or rollout_lp is None or self.quarl.tis_cap is not None
-                or inputs.get("old_per_token_logps") is not None):
+        if not self.model.training or not self._mismatch_from_loss(inputs):
             return super()._compute_loss(model, inputs)
         self._logps_sink = []
         try:
@@ -188,9 +186,15 @@ class QuarlGRPOTrainer(GRPOTrainer):
             captured = self._logps_sink
         finally:
             self._logps_sink = None
-        self._pool_mismatch(mismatch_sums(captured[0], rollout_lp, inputs["completion_mask"],
+        self._pool_mismatch(mismatch_sums(captured[0], inputs["sampling_per_token_logps"], inputs["completion_mask"],
                                           self.quarl.mismatch_cap))
         return loss
+
+    def _mismatch_from_loss(self, batch: dict) -> bool:
+        """Whether the loss forward supplies the mismatch's training-phase log-probs (the one place that decides
+        between it and ``_generate_and_score_completions``): rollout log-probs, no TIS, no TRL old log-probs."""
+        return (batch.get("sampling_per_token_logps") is not None and self.quarl.tis_cap is None
+                and batch.get("old_per_token_logps") is None)
 
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
