@@ -42,6 +42,12 @@ ARMS = {  # name: (extra overrides, seeds)
     # the best knob so far (16 generations per prompt)
     "ste_r64": (W4A4 + ["lora.r=64", "lora.alpha=128"], (0,)),
     "ste_r64_16x16": (W4A4 + ["lora.r=64", "lora.alpha=128", "grpo.generations=16"], (0,)),
+    # session 4: the beta-KL reference is the base WITHOUT injection (grpo.reference=unquantized): the KL term turns
+    # into on-policy distillation from the full-precision model, next to the reward; and its control, the same beta
+    # against TRL's reference (the injected base)
+    # (k3 KL to full precision at step 1 is ~0.01 per token: beta must be large to matter against the advantages)
+    "ste_fpref_b05": (W4A4 + ["grpo.beta=0.5", "grpo.reference=unquantized"], (0,)),
+    "ste_fpref_b2": (W4A4 + ["grpo.beta=2.0", "grpo.reference=unquantized"], (0,)),
 }
 
 

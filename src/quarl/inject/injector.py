@@ -50,6 +50,7 @@ from quarl.inject.weights import WeightCache
 
 logger = logging.getLogger(__name__)
 UNSET = "unset"
+BYPASSED = "bypassed"  # the phase name counted by `Injector.bypassed` (forwards run without injection)
 
 
 class _Rng:
@@ -267,6 +268,18 @@ class Injector:
             yield self
         finally:
             self.set_phase(previous)
+
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[Injector]:
+        """Context manager: every forward in the block runs the model without injection (hooks pass through and
+        count as ``skipped`` under the phase name ``"bypassed"``), whatever the phase; then restore. For a
+        full-precision reference forward (e.g. the unquantized KL reference of ``quarl train``)."""
+        previous = self._gate_state
+        self._gate_state = (BYPASSED, False)
+        try:
+            yield self
+        finally:
+            self._gate_state = previous
 
     def _gate(self) -> tuple[str, bool]:
         """(phase name, active?) for a forward starting now (resolved by `set_phase`)."""

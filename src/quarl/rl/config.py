@@ -59,6 +59,7 @@ class LoRABlock:
 class GRPOBlock:
     loss_type: str = "dapo"  # grpo | dapo | dr_grpo | bnpo (TRL's implementations)
     beta: float = 0.0  # KL coefficient (0 = no reference model)
+    reference: str = "injected"  # KL reference = the base without adapters: injected (TRL's) | unquantized (teacher)
     epsilon: float = 0.2  # PPO clip (lower)
     epsilon_high: float | None = None  # clip-higher (DAPO); None = epsilon
     temperature: float = 1.0
@@ -127,6 +128,10 @@ class TrainConfig:
             raise ValueError(f"grpo.generations must be >= 2 (a group of one has no advantage), got {g.generations}")
         if not g.lr > 0 or g.temperature <= 0:
             raise ValueError(f"grpo.lr and grpo.temperature must be > 0, got {g.lr}, {g.temperature}")
+        _one_of("grpo.reference", g.reference, ("injected", "unquantized"))
+        if g.reference == "unquantized" and not (g.beta > 0 and self.injection is not None):
+            raise ValueError("grpo.reference=unquantized (KL to the base without injection) needs grpo.beta > 0 and an "
+                             f"injection block; got beta {g.beta}, injection {'set' if self.injection else 'absent'}")
         if g.tis_cap is not None and not g.tis_cap >= 1:
             raise ValueError(f"grpo.tis_cap must be >= 1 (a cap on p_train/p_rollout), got {g.tis_cap}")
         if self.run.keep_checkpoints < 2:

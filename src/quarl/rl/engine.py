@@ -1,7 +1,7 @@
 """TRL glue (the one engine-specific module; a verl adapter can follow the same seams).
 
 TRL 1.16's ``GRPOTrainer`` does the algorithm: group advantages, the grpo / dapo / dr_grpo / bnpo losses, clip-higher,
-PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by overriding eight methods
+PEFT, accelerate, checkpoints. It lacks six things quarl needs, added here by overriding eight methods
 (TRL_NOTES.md §1-4; line numbers refer to trl 1.16.0 ``trainer/grpo_trainer.py``):
 
 1. Explicit phases. ``module.training`` is True during TRL's generation, so it cannot be the signal. The injector is
@@ -20,6 +20,9 @@ PEFT, accelerate, checkpoints. It lacks five things quarl needs, added here by o
    ``rollout/*`` are pooled over every rank's tokens and completions.
 5. Resumable quarl state: ``_save_checkpoint`` adds ``quarl_state.json`` and, after every rank finished writing, a
    ``quarl_complete`` marker -- TRL's ``get_last_checkpoint`` would return a half-written directory after SIGKILL.
+6. A full-precision KL reference (``grpo.reference: unquantized``): TRL's beta-KL reference is the base without
+   adapters (G:2710-2737), i.e. still under the injection; ``_get_per_token_logps_and_entropies`` recognises that
+   forward (the "ref" adapter active, or adapters disabled) and runs it with the injector bypassed.
 """
 
 from __future__ import annotations
@@ -62,8 +65,9 @@ class RolloutHooks:
     """What quarl adds to a trainer: the injector(s), AQN, and the knobs of the mismatch / TIS / health metrics."""
 
     def __init__(self, injector: Any = None, aqn: Any = None, tis_cap: float | None = None,
-                 mismatch_cap: float = 2.0) -> None:
+                 mismatch_cap: float = 2.0, reference_unquantized: bool = False) -> None:
         self.injector = injector
+        self.reference_unquantized = reference_unquantized  # the beta-KL reference runs without the injection
         self.aqn = aqn
         self.tis_cap = tis_cap
         self.mismatch_cap = mismatch_cap
@@ -73,6 +77,9 @@ class RolloutHooks:
 
     def phase(self, name: str) -> contextlib.AbstractContextManager:
         return self.injector.phase(name) if self.injector is not None else contextlib.nullcontext()
+
+    def unquantized(self) -> contextlib.AbstractContextManager:
+        return self.injector.bypassed() if self.injector is not None else contextlib.nullcontext()
 
 
 def _record_scores(model: Any, sink: list) -> None:
@@ -197,11 +204,25 @@ class QuarlGRPOTrainer(GRPOTrainer):
                 and batch.get("old_per_token_logps") is None)
 
     def _get_per_token_logps_and_entropies(self, *args: Any, **kwargs: Any):
+        if self.quarl.reference_unquantized and self._reference_forward():
+            with self.quarl.unquantized():  # grpo.reference=unquantized: KL to the base without injection
+                return super()._get_per_token_logps_and_entropies(*args, **kwargs)
         result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         sink = self._logps_sink
         if sink is not None and not sink:  # inside _compute_loss: the first call is the policy's log-probs
             sink.append(result[0].detach())  # (B, T)
         return result
+
+    def _reference_forward(self) -> bool:
+        """Whether the coming forward is TRL's beta-KL reference (G:2710-2737): the model is PEFT-wrapped by quarl, so
+        TRL runs it with its zero-initialised "ref" adapter active, or (peft#3340 path) with adapters disabled."""
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model, "active_adapter", None) == "ref":
+            return True
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layer = next((m for m in model.modules() if isinstance(m, BaseTunerLayer)), None)
+        return layer is not None and layer.disable_adapters
 
     def _pool_mismatch(self, sums: torch.Tensor) -> None:
         """Pool (5,) mismatch sums over ranks now and over micro-batches until the next ``log``."""

@@ -239,7 +239,8 @@ def _build(cfg: TrainConfig, run_dir: Path, start_step: int) -> tuple:
     val = load_source(cfg.data.val_source or cfg.data.source, cfg.eval.n, "test")
     from datasets import Dataset
 
-    hooks = RolloutHooks(injector, aqn, cfg.grpo.tis_cap, cfg.grpo.mismatch_cap)
+    hooks = RolloutHooks(injector, aqn, cfg.grpo.tis_cap, cfg.grpo.mismatch_cap,
+                         reference_unquantized=cfg.grpo.reference == "unquantized")
     funcs, weights = _rewards(cfg)
     args = _trl_args(cfg, run_dir)
     args.reward_weights = weights
