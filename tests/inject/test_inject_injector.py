@@ -69,6 +69,22 @@ def test_phase_gating_and_counts():
         inj.set_phase("eval")
 
 
+def test_bypassed_runs_the_clean_model_in_any_phase_and_restores():
+    model, x = _mlp(), torch.randn(4, 16)
+    ref = model(x)
+    inj = attach(model, InjectionSpec(**REL, apply_during="both", injection_point="both"))
+    with inj.bypassed():
+        assert torch.equal(model(x), ref)
+        with inj.phase("rollout"):  # a phase set inside the block does not switch the injection back on
+            assert torch.equal(model(x), ref)
+    assert not torch.equal(model(x), ref) and inj.current_phase is None
+    with inj.phase("training"), inj.bypassed():
+        assert torch.equal(model(x), ref)
+    assert not torch.equal(model(x), ref)
+    st = inj.stats()["0"]
+    assert st["skipped"] == {"bypassed": 3} and st["fires"] == {"unset": 2}
+
+
 def test_phase_is_not_inferred_from_module_training():
     model, x = _mlp(), torch.randn(4, 16)
     ref = model(x)

@@ -186,6 +186,7 @@ class Injector:
         self.spec = spec
         self.stats_every = stats_every
         self._phase: Phase | None = None
+        self._bypassed = False  # inside `bypassed()`: every forward passes through, whatever the phase
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._modules: dict[str, _ModuleInjection] = {}
         self._last_input: tuple[torch.Tensor, tuple, torch.Tensor, dict] | None = None  # see _shared_input
@@ -258,6 +259,8 @@ class Injector:
             self._gate_state = (UNSET, True) if self.spec.apply_during is ApplyDuring.BOTH else None
         else:
             self._gate_state = (phase.value, self.spec.apply_during.covers(phase))
+        if self._bypassed:
+            self._gate_state = (BYPASSED, False)
 
     @contextlib.contextmanager
     def phase(self, phase: Phase | str) -> Iterator[Injector]:
@@ -272,14 +275,17 @@ class Injector:
     @contextlib.contextmanager
     def bypassed(self) -> Iterator[Injector]:
         """Context manager: every forward in the block runs the model without injection (hooks pass through and
-        count as ``skipped`` under the phase name ``"bypassed"``), whatever the phase; then restore. For a
-        full-precision reference forward (e.g. the unquantized KL reference of ``quarl train``)."""
-        previous = self._gate_state
-        self._gate_state = (BYPASSED, False)
+        count as ``skipped`` under the phase name ``"bypassed"``), whatever the phase, also one set inside the
+        block; then restore. For a full-precision reference forward (the unquantized KL reference of ``quarl
+        train``)."""
+        previous = self._bypassed
+        self._bypassed = True
+        self.set_phase(self._phase)
         try:
             yield self
         finally:
-            self._gate_state = previous
+            self._bypassed = previous
+            self.set_phase(self._phase)
 
     def _gate(self) -> tuple[str, bool]:
         """(phase name, active?) for a forward starting now (resolved by `set_phase`)."""
