@@ -67,6 +67,8 @@ def test_reference_runs_with_or_without_the_injection(tmp_path, tiny, reference)
 @pytest.mark.parametrize("extra, match", [
     (["grpo.reference=unquantized"], "needs grpo.beta > 0"),
     (["grpo.reference=fp32"], "grpo.reference"),
+    (["grpo.beta=0.1", "grpo.reference=unquantized", "aqn.enabled=true", "aqn.apply_during=both"],
+     "carry the AQN noise"),
 ])
 def test_reference_config_errors(extra, match):
     with pytest.raises(ValueError, match=match):

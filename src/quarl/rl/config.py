@@ -132,6 +132,10 @@ class TrainConfig:
         if g.reference == "unquantized" and not (g.beta > 0 and self.injection is not None):
             raise ValueError("grpo.reference=unquantized (KL to the base without injection) needs grpo.beta > 0 and an "
                              f"injection block; got beta {g.beta}, injection {'set' if self.injection else 'absent'}")
+        if g.reference == "unquantized" and self.aqn_enabled and self.aqn.apply_during == "both":
+            raise ValueError("grpo.reference=unquantized with aqn.apply_during=both: the reference forward would carry "
+                             "the AQN noise of the training step, so it would not be the full-precision base; use "
+                             "aqn.apply_during=rollout")
         if g.tis_cap is not None and not g.tis_cap >= 1:
             raise ValueError(f"grpo.tis_cap must be >= 1 (a cap on p_train/p_rollout), got {g.tis_cap}")
         if self.run.keep_checkpoints < 2:
