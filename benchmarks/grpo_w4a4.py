@@ -48,6 +48,11 @@ ARMS = {  # name: (extra overrides, seeds)
     # (k3 KL to full precision at step 1 is ~0.01 per token: beta must be large to matter against the advantages)
     "ste_fpref_b05": (W4A4 + ["grpo.beta=0.5", "grpo.reference=unquantized"], (0,)),
     "ste_fpref_b2": (W4A4 + ["grpo.beta=2.0", "grpo.reference=unquantized"], (0,)),
+    # session 4: neither helped (36% / 45%): the one sampled token's log-prob is a noisy view of the teacher. The dense
+    # version: grpo.distill = weight of KL(unquantized || policy) over the full next-token distribution at every
+    # completion position, next to the reward
+    "ste_distill1": (W4A4 + ["grpo.distill=1.0"], (0,)),
+    "ste_distill5": (W4A4 + ["grpo.distill=5.0"], (0,)),
 }
 
 

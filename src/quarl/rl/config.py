@@ -77,6 +77,8 @@ class GRPOBlock:
     scorer: str = "strict"  # reward scorer: verl strict (default) | flexible -- the same function validation uses
     format_score: float = 0.0  # verl's reward for an extractable but wrong answer
     format_reward: float = 0.0  # weight of an extra reward 1.0 for any extractable '#### N' (0 = off)
+    distill: float = 0.0  # weight of a full-distribution KL to the unquantized base on the policy's completions (0 = off)
+    distill_divergence: str = "forward"  # forward = KL(unquantized || policy) | reverse = KL(policy || unquantized)
     tis_cap: float | None = None  # truncated importance sampling cap on rollout/training token ratios (None = off)
     mismatch_cap: float = 2.0  # ratio threshold reported as mismatch/frac_above_cap when TIS is off
     gradient_checkpointing: bool = False  # off: the testbed fits easily, and recompute doubles hook work
@@ -132,9 +134,16 @@ class TrainConfig:
         if g.reference == "unquantized" and not (g.beta > 0 and self.injection is not None):
             raise ValueError("grpo.reference=unquantized (KL to the base without injection) needs grpo.beta > 0 and an "
                              f"injection block; got beta {g.beta}, injection {'set' if self.injection else 'absent'}")
-        if g.reference == "unquantized" and self.aqn_enabled and self.aqn.apply_during == "both":
-            raise ValueError("grpo.reference=unquantized with aqn.apply_during=both: the reference forward would carry "
-                             "the AQN noise of the training step, so it would not be the full-precision base; use "
+        _one_of("grpo.distill_divergence", g.distill_divergence, ("forward", "reverse"))
+        if not g.distill >= 0 or (g.distill > 0 and self.injection is None):
+            raise ValueError(f"grpo.distill must be >= 0 and needs an injection block (it distils the unquantized base "
+                             f"into the quantized policy); got {g.distill}, injection "
+                             f"{'set' if self.injection else 'absent'}")
+        unquantized = [k for k, on in (("grpo.reference=unquantized", g.reference == "unquantized"),
+                                        ("grpo.distill", g.distill > 0)) if on]
+        if unquantized and self.aqn_enabled and self.aqn.apply_during == "both":
+            raise ValueError(f"{unquantized[0]} with aqn.apply_during=both: the unquantized forward would carry the "
+                             "AQN noise of the training step, so it would not be the full-precision base; use "
                              "aqn.apply_during=rollout")
         if g.tis_cap is not None and not g.tis_cap >= 1:
             raise ValueError(f"grpo.tis_cap must be >= 1 (a cap on p_train/p_rollout), got {g.tis_cap}")

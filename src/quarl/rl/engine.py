@@ -1,7 +1,7 @@
 """TRL glue (the one engine-specific module; a verl adapter can follow the same seams).
 
 TRL 1.16's ``GRPOTrainer`` does the algorithm: group advantages, the grpo / dapo / dr_grpo / bnpo losses, clip-higher,
-PEFT, accelerate, checkpoints. It lacks six things quarl needs, added here by overriding eight methods
+PEFT, accelerate, checkpoints. It lacks seven things quarl needs, added here by overriding eight methods
 (TRL_NOTES.md §1-4; line numbers refer to trl 1.16.0 ``trainer/grpo_trainer.py``):
 
 1. Explicit phases. ``module.training`` is True during TRL's generation, so it cannot be the signal. The injector is
@@ -23,6 +23,9 @@ PEFT, accelerate, checkpoints. It lacks six things quarl needs, added here by ov
 6. A full-precision KL reference (``grpo.reference: unquantized``): TRL's beta-KL reference is the base without
    adapters (G:2710-2737), i.e. still under the injection; ``_get_per_token_logps_and_entropies`` recognises that
    forward (the "ref" adapter active, or adapters disabled) and runs it with the injector bypassed.
+7. Distillation from the unquantized base (``grpo.distill``, ``quarl.rl.distill``): ``_compute_loss`` runs one no-grad
+   forward of the base without adapters or injection, rebuilds the policy's logits from the loss forward's hidden
+   states (a backbone hook), and adds ``distill * KL`` over the full next-token distributions to TRL's loss.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
+from quarl.rl.distill import distill_kl
 from quarl.rl.health import mismatch_from_sums, mismatch_sums, pool_sums, rollout_health, tis_weights
 
 logger = logging.getLogger(__name__)
@@ -65,9 +69,12 @@ class RolloutHooks:
     """What quarl adds to a trainer: the injector(s), AQN, and the knobs of the mismatch / TIS / health metrics."""
 
     def __init__(self, injector: Any = None, aqn: Any = None, tis_cap: float | None = None,
-                 mismatch_cap: float = 2.0, reference_unquantized: bool = False) -> None:
+                 mismatch_cap: float = 2.0, reference_unquantized: bool = False, distill: float = 0.0,
+                 distill_divergence: str = "forward") -> None:
         self.injector = injector
         self.reference_unquantized = reference_unquantized  # the beta-KL reference runs without the injection
+        self.distill = distill  # weight of the full-distribution KL to the unquantized base (0 = off)
+        self.distill_divergence = distill_divergence
         self.aqn = aqn
         self.tis_cap = tis_cap
         self.mismatch_cap = mismatch_cap
@@ -112,7 +119,10 @@ class QuarlGRPOTrainer(GRPOTrainer):
         self.quarl = quarl
         self._logps_sink: list[torch.Tensor] | None = None  # set inside _compute_loss: captures the loss's log-probs
         self._mismatch_acc: torch.Tensor | None = None  # (5,) mismatch sums pooled until the next log
+        self._hidden_sink: list[torch.Tensor] | None = None  # grpo.distill: the loss forward's last hidden states
         super().__init__(*args, **kwargs)
+        if quarl.distill > 0:
+            self._capture_hidden_states()
 
     # --- generation: phase rollout, AQN, log-probs -------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
@@ -184,17 +194,67 @@ class QuarlGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         """Without TIS and without TRL's old log-probs, the mismatch comes from the loss forward itself (the
-        training-phase log-probs of the same tokens, detached): no extra forward pass per step."""
-        if not self.model.training or not self._mismatch_from_loss(inputs):
+        training-phase log-probs of the same tokens, detached): no extra forward pass per step. With
+        ``grpo.distill`` the same forward's hidden states give the policy's logits for the distillation term."""
+        mismatch = self.model.training and self._mismatch_from_loss(inputs)
+        distill = self.model.training and self.quarl.distill > 0
+        if not (mismatch or distill):
             return super()._compute_loss(model, inputs)
-        self._logps_sink = []
+        teacher = self._teacher_logits(inputs) if distill else None  # (B, T, V), no grad
+        self._logps_sink, self._hidden_sink = [], ([] if distill else None)
         try:
             loss = super()._compute_loss(model, inputs)
-            captured = self._logps_sink
+            captured, hidden = self._logps_sink, self._hidden_sink
         finally:
-            self._logps_sink = None
-        self._pool_mismatch(mismatch_sums(captured[0], inputs["sampling_per_token_logps"], inputs["completion_mask"],
-                                          self.quarl.mismatch_cap))
+            self._logps_sink = self._hidden_sink = None
+        if mismatch:
+            self._pool_mismatch(mismatch_sums(captured[0], inputs["sampling_per_token_logps"],
+                                              inputs["completion_mask"], self.quarl.mismatch_cap))
+        if distill:
+            loss = loss + self.quarl.distill * self._distill_loss(torch.cat(hidden), teacher, inputs)
+        return loss
+
+    # --- distillation from the unquantized base (grpo.distill) ------------------------------------------------------
+    def _causal_lm(self) -> Any:
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def _capture_hidden_states(self) -> None:
+        """A forward hook on the backbone keeps the loss forward's last hidden states: TRL's fused LM head (U:1548)
+        never materialises logits, so the policy's logits are rebuilt from them (one extra LM-head matmul)."""
+        lm = self._causal_lm()
+        text = lm.config.get_text_config()
+        scaled = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                              "logits_scaling") if getattr(text, k, None) not in (None, 1, 1.0)]
+        if scaled:
+            raise ValueError(f"grpo.distill rebuilds logits as lm_head(hidden) / temperature; this model also applies "
+                             f"{', '.join(scaled)}, which it does not reproduce")
+
+        def keep(module: Any, args: Any, output: Any) -> None:
+            if self._hidden_sink is not None:
+                self._hidden_sink.append(output.last_hidden_state)  # (B, P+T, H), with grad
+
+        lm.base_model.register_forward_hook(keep)
+
+    @torch.no_grad()
+    def _teacher_logits(self, inputs: dict) -> torch.Tensor:
+        """(B, T, V) next-token logits of the unquantized base (adapters off, injection bypassed) / temperature."""
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # (B, P+T)
+        mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        t = inputs["completion_ids"].size(1)
+        model = self.accelerator.unwrap_model(self.model)
+        with self.quarl.unquantized(), model.disable_adapter():
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=t + 1).logits  # (B, T+1, V)
+        return logits[:, :-1] / self.temperature
+
+    def _distill_loss(self, hidden: torch.Tensor, teacher: torch.Tensor, inputs: dict) -> torch.Tensor:
+        t = inputs["completion_ids"].size(1)
+        head = self._causal_lm().get_output_embeddings()
+        student = torch.nn.functional.linear(hidden[:, -t - 1:-1], head.weight, head.bias) / self.temperature
+        mask = inputs["completion_mask"]
+        loss, per_token = distill_kl(student, teacher, mask, self.quarl.distill_divergence)
+        n = self.accelerator.gather(torch.stack([(per_token * mask).sum(), mask.sum()]).double()[None]).sum(0)
+        self._metrics["train"]["distill/kl"].append(float(n[0] / n[1]) if n[1] > 0 else 0.0)
         return loss
 
     def _mismatch_from_loss(self, batch: dict) -> bool:

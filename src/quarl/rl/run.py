@@ -240,7 +240,8 @@ def _build(cfg: TrainConfig, run_dir: Path, start_step: int) -> tuple:
     from datasets import Dataset
 
     hooks = RolloutHooks(injector, aqn, cfg.grpo.tis_cap, cfg.grpo.mismatch_cap,
-                         reference_unquantized=cfg.grpo.reference == "unquantized")
+                         reference_unquantized=cfg.grpo.reference == "unquantized", distill=cfg.grpo.distill,
+                         distill_divergence=cfg.grpo.distill_divergence)
     funcs, weights = _rewards(cfg)
     args = _trl_args(cfg, run_dir)
     args.reward_weights = weights
