@@ -51,13 +51,18 @@ ARMS = {  # name: (extra overrides, seeds)
     # session 4: neither helped (36% / 45%): the one sampled token's log-prob is a noisy view of the teacher. The dense
     # version: grpo.distill = weight of KL(unquantized || policy) over the full next-token distribution at every
     # completion position, next to the reward
-    "ste_distill1": (W4A4 + ["grpo.distill=1.0"], (0,)),
+    "ste_distill1": (W4A4 + ["grpo.distill=1.0"], (0, 1)),
     "ste_distill5": (W4A4 + ["grpo.distill=5.0"], (0,)),
     # 50% / 47%: the KL to full precision falls only 0.0126 -> 0.0076 in 80 steps at lr 1e-4 -- the update budget,
     # not the signal, limits it; a dense distillation target should also tolerate a larger lr than RL alone (>= 1e-3
     # collapsed the prototype)
     "ste_distill5_lr3e4": (W4A4 + ["grpo.distill=5.0", "grpo.lr=3.0e-4"], (0,)),
     "ste_distill5_lr1e3": (W4A4 + ["grpo.distill=5.0", "grpo.lr=1.0e-3"], (0,)),
+    # 32% / 36%, and the KL to full precision still ends near 0.01: an adapter beside the quantized linear cannot undo
+    # the error of the linear's own input quantization. The norm gains can (they scale what gets quantized), but at
+    # lr 1e-4 Adam moves a gain by <= 0.008 in 80 steps, so ste_norms never really trained them: lora.norms_lr
+    "ste_norms3e3": (W4A4 + ["lora.trainable_norms=true", "lora.norms_lr=3.0e-3"], (0,)),
+    "ste_distill1_norms3e3": (W4A4 + ["grpo.distill=1.0", "lora.trainable_norms=true", "lora.norms_lr=3.0e-3"], (0,)),
 }
 
 

@@ -261,3 +261,22 @@ def test_loss_forward_mismatch_equals_a_separate_training_forward(tmp_path, tiny
     assert len(separate) == 1 and separate[0]["mismatch/kl"] > 0
     for key, value in separate[0].items():  # same tokens, same phase, same weights (no_grad vs grad only)
         assert row[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+def test_norms_lr_gives_the_norm_gains_their_own_step_size(tmp_path, tiny):
+    """Adam's first step moves each parameter by ~lr: 1e-2 for the norm gains, 1e-4 (grpo.lr) for LoRA. (The
+    distillation term makes every gradient nonzero even when a tiny batch has no reward variance.)"""
+    trainer, recorder, _, model = _one_step(tmp_path, tiny, "injection: {scheme: MXFP4}\ngrpo: {distill: 1.0}\n"
+                                            "lora: {trainable_norms: true, norms_lr: 1.0e-2}\n")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    recorder.close()
+    groups = [(g["lr"], len(g["params"])) for g in trainer.optimizer.param_groups if g["params"]]
+    n_norms = sum(1 for n in before if "modules_to_save" in n)
+    assert n_norms == 13 and (1e-2, n_norms) in groups and sum(k for _, k in groups) == len(before)
+    after = dict(model.named_parameters())
+    step = {kind: max((after[n] - before[n]).abs().max().item() for n in before if kind in n)
+            for kind in ("modules_to_save", "lora_B")}
+    assert 5e-3 < step["modules_to_save"] < 2e-2 and 0 < step["lora_B"] < 2e-4, step
+    with pytest.raises(ValueError, match="needs lora.trainable_norms"):
+        load_config(None, ["lora.norms_lr=1.0e-2"])

@@ -53,6 +53,7 @@ class LoRABlock:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("all-linear",)  # PEFT names; all-linear = every linear projection, not lm_head
     trainable_norms: bool = False  # also train the RMSNorm gains (modules_to_save-free: requires_grad on the base)
+    norms_lr: float | None = None  # lr of the trainable norm gains (None = grpo.lr; Adam moves a gain ~lr per step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +135,9 @@ class TrainConfig:
         if g.reference == "unquantized" and not (g.beta > 0 and self.injection is not None):
             raise ValueError("grpo.reference=unquantized (KL to the base without injection) needs grpo.beta > 0 and an "
                              f"injection block; got beta {g.beta}, injection {'set' if self.injection else 'absent'}")
+        if self.lora.norms_lr is not None and not (self.lora.trainable_norms and self.lora.norms_lr > 0):
+            raise ValueError(f"lora.norms_lr must be > 0 and needs lora.trainable_norms: true, got "
+                             f"{self.lora.norms_lr} (trainable_norms {self.lora.trainable_norms})")
         _one_of("grpo.distill_divergence", g.distill_divergence, ("forward", "reverse"))
         if not g.distill >= 0 or (g.distill > 0 and self.injection is None):
             raise ValueError(f"grpo.distill must be >= 0 and needs an injection block (it distils the unquantized base "

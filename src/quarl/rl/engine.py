@@ -70,8 +70,9 @@ class RolloutHooks:
 
     def __init__(self, injector: Any = None, aqn: Any = None, tis_cap: float | None = None,
                  mismatch_cap: float = 2.0, reference_unquantized: bool = False, distill: float = 0.0,
-                 distill_divergence: str = "forward") -> None:
+                 distill_divergence: str = "forward", norms_lr: float | None = None) -> None:
         self.injector = injector
+        self.norms_lr = norms_lr  # lr of the trainable RMSNorm gains (PEFT modules_to_save), None = the run's lr
         self.reference_unquantized = reference_unquantized  # the beta-KL reference runs without the injection
         self.distill = distill  # weight of the full-distribution KL to the unquantized base (0 = off)
         self.distill_divergence = distill_divergence
@@ -308,6 +309,23 @@ class QuarlGRPOTrainer(GRPOTrainer):
             logps, *_ = self._get_per_token_logps_and_entropies(
                 self.model, ids, mask, out["completion_ids"].size(1), batch_size=self.args.per_device_train_batch_size)
         return logps  # (B, T)
+
+    # --- optimizer ------------------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """``lora.norms_lr``: the trainable norm gains (PEFT ``modules_to_save`` copies) get their own param group,
+        so the LR scheduler scales both alike; HF's Trainer has a single lr for every parameter."""
+        optimizer = super().create_optimizer(model)
+        lr = self.quarl.norms_lr
+        if lr is None:
+            return optimizer
+        names = {id(p): n for n, p in (self.model if model is None else model).named_parameters()}
+        for group in list(optimizer.param_groups):
+            norms = [p for p in group["params"] if "modules_to_save" in names.get(id(p), "")]
+            if norms:
+                group["params"] = [p for p in group["params"] if all(p is not q for q in norms)]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": norms,
+                                           "lr": lr})
+        return optimizer
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):

@@ -241,7 +241,7 @@ def _build(cfg: TrainConfig, run_dir: Path, start_step: int) -> tuple:
 
     hooks = RolloutHooks(injector, aqn, cfg.grpo.tis_cap, cfg.grpo.mismatch_cap,
                          reference_unquantized=cfg.grpo.reference == "unquantized", distill=cfg.grpo.distill,
-                         distill_divergence=cfg.grpo.distill_divergence)
+                         distill_divergence=cfg.grpo.distill_divergence, norms_lr=cfg.lora.norms_lr)
     funcs, weights = _rewards(cfg)
     args = _trl_args(cfg, run_dir)
     args.reward_weights = weights
