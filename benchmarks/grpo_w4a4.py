@@ -51,7 +51,7 @@ ARMS = {  # name: (extra overrides, seeds)
     # session 4: neither helped (36% / 45%): the one sampled token's log-prob is a noisy view of the teacher. The dense
     # version: grpo.distill = weight of KL(unquantized || policy) over the full next-token distribution at every
     # completion position, next to the reward
-    "ste_distill1": (W4A4 + ["grpo.distill=1.0"], (0, 1)),
+    "ste_distill1": (W4A4 + ["grpo.distill=1.0"], (0, 1, 2)),
     "ste_distill5": (W4A4 + ["grpo.distill=5.0"], (0,)),
     # 50% / 47%: the KL to full precision falls only 0.0126 -> 0.0076 in 80 steps at lr 1e-4 -- the update budget,
     # not the signal, limits it; a dense distillation target should also tolerate a larger lr than RL alone (>= 1e-3
@@ -63,6 +63,9 @@ ARMS = {  # name: (extra overrides, seeds)
     # lr 1e-4 Adam moves a gain by <= 0.008 in 80 steps, so ste_norms never really trained them: lora.norms_lr
     "ste_norms3e3": (W4A4 + ["lora.trainable_norms=true", "lora.norms_lr=3.0e-3"], (0,)),
     "ste_distill1_norms3e3": (W4A4 + ["grpo.distill=1.0", "lora.trainable_norms=true", "lora.norms_lr=3.0e-3"], (0,)),
+    # every variant is within +-2 points of its seed's baseline: stack the three best point estimates
+    "ste_stack": (W4A4 + ["grpo.generations=16", "grpo.distill=1.0", "lora.trainable_norms=true",
+                          "lora.norms_lr=3.0e-3"], (0,)),
 }
 
 
@@ -168,6 +171,13 @@ def cmd_report(args: argparse.Namespace) -> None:
         for a, b in pairs:
             m, lo, hi = _paired(runs[b]["final_ids"], runs[a]["final_ids"])
             lines.append(f"{a} final - {b} final: {100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (paired)")
+    variants = [(n, "ste-" + n.rsplit("-", 1)[1]) for n in runs if n.startswith("ste_")]
+    variants = [(a, b) for a, b in variants if b in runs and runs[a]["status"] == "finished"]
+    if variants:
+        lines.append("\nEach variant vs the baseline STE run of the same seed (final vs final, paired over the same problems):")
+    for a, b in variants:
+        m, lo, hi = _paired(runs[b]["final_ids"], runs[a]["final_ids"])
+        lines.append(f"{a} - {b}: {100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
     if gap:
         lines.append(f"W4A4 step 0 {100 * w4a4_0:.1f}%, fp32 step 0 {100 * fp32_0:.1f}%: gap {100 * gap:.1f} points")
     text = "\n".join(lines)
