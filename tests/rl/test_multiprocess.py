@@ -17,7 +17,8 @@ from quarl.runs import read_metrics, run_status
 
 CONFIG = """
 injection: {scheme: MXFP4}
-grpo: {steps: 2, prompts_per_step: 4, generations: 2, max_new_tokens: 32}
+grpo: {steps: 2, prompts_per_step: 4, generations: 2, max_new_tokens: 32, distill: 1.0, beta: 0.1,
+       reference: unquantized}
 data: {train_n: 64}
 eval: {every: 10, n: 8, batch_size: 8}
 run: {checkpoint_every: 1}
@@ -39,6 +40,7 @@ def test_accelerate_two_cpu_processes(tmp_path):
     assert run_status(out).value == "finished"
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]  # one row per step: only rank 0 writes
+    assert all(r["distill/kl"] > 0 and r["kl"] > 0 for r in rows[1:])  # both ranks' unquantized forwards, gathered
     assert (out / "train.log").exists() and (out / "train.rank1.log").exists()
     ckpt = out / "checkpoints" / "checkpoint-2"
     assert (ckpt / "rng_state_0.pth").exists() and (ckpt / "rng_state_1.pth").exists()  # both ranks' RNG saved
