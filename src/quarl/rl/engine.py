@@ -1,7 +1,7 @@
 """TRL glue (the one engine-specific module; a verl adapter can follow the same seams).
 
 TRL 1.16's ``GRPOTrainer`` does the algorithm: group advantages, the grpo / dapo / dr_grpo / bnpo losses, clip-higher,
-PEFT, accelerate, checkpoints. It lacks seven things quarl needs, added here by overriding eight methods
+PEFT, accelerate, checkpoints. It lacks eight things quarl needs, added here by overriding nine methods
 (TRL_NOTES.md §1-4; line numbers refer to trl 1.16.0 ``trainer/grpo_trainer.py``):
 
 1. Explicit phases. ``module.training`` is True during TRL's generation, so it cannot be the signal. The injector is
@@ -26,6 +26,8 @@ PEFT, accelerate, checkpoints. It lacks seven things quarl needs, added here by 
 7. Distillation from the unquantized base (``grpo.distill``, ``quarl.rl.distill``): ``_compute_loss`` runs one no-grad
    forward of the base without adapters or injection, rebuilds the policy's logits from the loss forward's hidden
    states (a backbone hook), and adds ``distill * KL`` over the full next-token distributions to TRL's loss.
+8. A separate lr for the trainable norm gains (``lora.norms_lr``): ``create_optimizer`` moves them into their own
+   param group (HF's Trainer builds groups by weight decay only).
 """
 
 from __future__ import annotations
@@ -212,6 +214,9 @@ class QuarlGRPOTrainer(GRPOTrainer):
             self._pool_mismatch(mismatch_sums(captured[0], inputs["sampling_per_token_logps"],
                                               inputs["completion_mask"], self.quarl.mismatch_cap))
         if distill:
+            if not hidden:
+                raise RuntimeError("grpo.distill: the loss forward did not pass through the backbone hook (model."
+                                   "base_model); this architecture's fused LM head is not supported")
             loss = loss + self.quarl.distill * self._distill_loss(torch.cat(hidden), teacher, inputs)
         return loss
 
