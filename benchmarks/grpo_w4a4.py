@@ -66,6 +66,10 @@ ARMS = {  # name: (extra overrides, seeds)
     # every variant is within +-2 points of its seed's baseline: stack the three best point estimates
     "ste_stack": (W4A4 + ["grpo.generations=16", "grpo.distill=1.0", "lora.trainable_norms=true",
                           "lora.norms_lr=3.0e-3"], (0,)),
+    # session 5: the one lever of the issue never tried -- a longer run (3x the budget, validated every 40 steps so the
+    # trajectory shows whether 80 steps had plateaued); the arm's own grpo.steps / eval.every override --steps
+    "ste_long240": (W4A4 + ["grpo.steps=240", "eval.every=40"], (0,)),
+    "ste_distill1_long240": (W4A4 + ["grpo.distill=1.0", "grpo.steps=240", "eval.every=40"], (0,)),
 }
 
 
@@ -86,7 +90,8 @@ def _command(arm: str, seed: int, steps: int) -> list[str]:
     if path.exists():
         return [sys.executable, "-m", "quarl", "train", "--resume", str(path)]
     extra, _ = ARMS[arm]
-    sets = BASE + extra + [f"grpo.steps={steps}", f"eval.every={steps}", f"run.seed={seed}", f"run.name={arm}"]
+    # later --set wins: an arm's extras come after the global step budget so that an arm can carry its own
+    sets = BASE + [f"grpo.steps={steps}", f"eval.every={steps}"] + extra + [f"run.seed={seed}", f"run.name={arm}"]
     return [sys.executable, "-m", "quarl", "train", "-", "--out", str(path)] + [a for s in sets for a in ("--set", s)]
 
 
