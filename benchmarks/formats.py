@@ -2,6 +2,7 @@
 
 Run: python benchmarks/formats.py [--size 4096] [--repeats 5]
      python benchmarks/formats.py --percall [--threads 1,2] [--rounds 41]
+     python benchmarks/formats.py --stores [--threads 1,2] [--rounds 41]
 
 Default: for a (size x size) fp32 CPU tensor, the median time of each path and its ratio to ``x.clone()``, plus
 whether quarl's compiled and eager results are bit-identical to each other and to the reference (issue 2 part D:
@@ -13,18 +14,23 @@ tensor, for each thread count (issue 9: <= 3x a clone from 256K elements, 4096^2
 activation hooks, for MXFP4 and NVFP4), in a rotating order; the table gives each path's median per-call time over
 the rounds and its ratio to the clone's median. Short batches keep a shared, loaded machine from charging its
 preemptions to the longer path; the load average is printed with the table. No asserts.
+
+``--stores``: the native kernel alone (one ctypes call into a preallocated output, so no allocator page faults) with
+plain stores vs streaming (non-temporal) stores, against ``copy_`` into the same output, at 4M and 16M elements:
+the measurement behind ``quarl.formats.native.NT_MIN``. Same binary, same process, interleaved rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import time
 
 import torch
 
-from quarl.formats import fake_quantize, fake_quantizer, get_format
+from quarl.formats import fake_quantize, native, fake_quantizer, get_format
 from quarl.formats.quantize import fake_quantize_eager
 
 
@@ -133,18 +139,55 @@ def percall(thread_counts: list[int], rounds: int) -> None:
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
+def stores(thread_counts: list[int], rounds: int) -> None:
+    """Print the kernel-alone plain vs streaming stores table (see the module docstring)."""
+    lib = native.library()
+    if lib is None:
+        print("native kernel unavailable (no compiler?): nothing to measure")
+        return
+    default = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (1 min); "
+          f"median ms of {rounds} interleaved rounds, output preallocated")
+    print(f"{'threads':>7s} {'shape':>12s} {'format':>6s} | {'plain':>7s} {'stream':>7s} {'copy_':>7s} | "
+          "plain/copy stream/copy")
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        for shape in PERCALL_SHAPES[-2:]:
+            x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+            y, n = torch.empty_like(x), x.numel()
+            for name in ("mxfp4", "nvfp4"):
+                fmt = get_format(name)
+                kernel, params = native._kernel(lib, fmt), native._params(fmt)
+                ref = ctypes.byref(params)
+                paths = {"plain": lambda: kernel(x.data_ptr(), y.data_ptr(), 1, n, ref, threads, 0),
+                         "stream": lambda: kernel(x.data_ptr(), y.data_ptr(), 1, n, ref, threads, 1),
+                         "copy_": lambda: y.copy_(x)}
+                times = {k: [] for k in paths}
+                for _ in range(rounds):
+                    for k, fn in paths.items():
+                        times[k].append(_batch_us(fn, 1) / 1e3)
+                ms = {k: statistics.median(v) for k, v in times.items()}
+                print(f"{threads:7d} {str(shape):>12s} {name:>6s} | {ms['plain']:7.2f} {ms['stream']:7.2f} "
+                      f"{ms['copy_']:7.2f} | {ms['plain'] / ms['copy_']:10.2f} {ms['stream'] / ms['copy_']:11.2f}",
+                      flush=True)
+    torch.set_num_threads(default)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--percall", action="store_true", help="the per-call table from 64K to 16M elements instead")
-    p.add_argument("--threads", default=None, help="comma-separated thread counts for --percall (default: 1,N)")
-    p.add_argument("--rounds", type=int, default=41, help="rounds per row for --percall")
+    p.add_argument("--stores", action="store_true", help="the kernel alone: plain vs streaming stores vs copy_")
+    p.add_argument("--threads", default=None, help="comma-separated thread counts for --percall / --stores "
+                   "(default: 1,N)")
+    p.add_argument("--rounds", type=int, default=41, help="rounds per row for --percall / --stores")
     args = p.parse_args()
-    if args.percall:
+    if args.percall or args.stores:
         n = torch.get_num_threads()
         counts = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, n})
-        percall(counts, args.rounds)
+        (percall if args.percall else stores)(counts, args.rounds)
         return
     x = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
     t_clone = _time(lambda: x.clone(), args.repeats)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from _adversarial import FINITE, nonfinite
 
-from quarl.formats import fake_quantize, get_format, native
+from quarl.formats import fake_quantize, fake_quantizer, get_format, native
 from quarl.formats.quantize import fake_quantize_eager
 
 MX_VARIANTS = [("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("mxfp4", {"scale_mode": "even"}),
@@ -133,6 +133,30 @@ def test_native_multithreaded_nonfinite(name, opts):
         assert _check(x, fmt)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name,opts", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_streaming_stores(monkeypatch, name, opts, threads):
+    # NT_MIN = 0: every call writes with streaming stores where the layout allows (one flat aligned run of blocks;
+    # rows with partial blocks keep plain stores) -- the same bits, adversarial sets and shape classes alike
+    monkeypatch.setattr(native, "NT_MIN", 0)
+    fmt, before = get_format(name, **opts), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for family, gen in FINITE.items():
+            x = gen(rows=32, cols=128, seed=7)
+            assert _check(x, fmt) or fmt.profile.value == "torchao"  # (its all-zero 0/0: eager)
+            _check(nonfinite(x, seed=7), fmt)
+        _check(_edges(), fmt)
+        g = torch.Generator().manual_seed(8)
+        for shape in [(64, 96), (3, 1000), (70000,), (70001,), (256, 512), (20, 4100)]:
+            assert _check(torch.randn(*shape, generator=g) * 3, fmt), shape
+        bound = fake_quantizer(fmt)  # the hooks' path takes NT_MIN at call time too
+        x = torch.randn(256, 512, generator=g)
+        assert _bits_equal(bound(x), fake_quantize_eager(x, fmt, None, None))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_native_portable_build(monkeypatch, tmp_path):

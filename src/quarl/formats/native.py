@@ -25,7 +25,8 @@ the compiler and the CPU, then loads it with ctypes; later processes just load i
 (retried without ``-march=native``, then without OpenMP) and always ``-ffp-contract=off`` (no FMA contraction) and
 no ``-ffast-math``. No compiler, a failed build or a failed load: logged once, and every call falls back to eager.
 ``QUARL_NATIVE=0`` turns the path off. Calls go through ``quarl_mx_fq`` / ``quarl_nvfp4_fq`` with the per-format
-constants in one ctypes struct built once per format (6 arguments to convert per call instead of 18).
+constants in one ctypes struct built once per format (7 arguments to convert per call instead of 19). From ``NT_MIN``
+elements the output is written with streaming stores (a flat run of blocks into the 64-byte-aligned output).
 
 State: the loaded library is memoized by :func:`library` (``functools.lru_cache``, ``library.cache_clear()`` resets
 it); there are no other module globals.
@@ -55,11 +56,16 @@ logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "QUARL_NATIVE"
 PARALLEL_MIN = 1 << 16  # elements from which the kernel uses torch's intra-op thread count (below: 1 thread)
+# elements from which the output is written with streaming (non-temporal) stores: 16 MiB of fp32, half the dev
+# machine's L3, where a plain store's read-for-ownership costs more than the cache it would keep warm (kernel alone,
+# one thread, vs copy_: 4096^2 MXFP4 1.06-1.08x -> 0.90-0.94x, NVFP4 1.34-1.50x -> 0.77-1.39x; per call vs a clone,
+# nearly idle: 1.22x -> ~0.97x and 1.63x -> ~1.5x; benchmarks/formats.py --stores, results/formats_percall.txt)
+NT_MIN = 1 << 22
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
 _MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
 _PROFILE = {Profile.COMPRESSED_TENSORS: 0, Profile.TORCHAO: 1, Profile.TRANSFORMER_ENGINE: 2}
 _I64, _I32, _F32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
-_CALL_ARGS = [_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int]  # x, y, rows, len, &params, threads
+_CALL_ARGS = [_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int, ctypes.c_int]  # x, y, rows, len, &params, threads, nt
 
 
 class _MXParams(ctypes.Structure):
@@ -245,7 +251,8 @@ def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
         y = torch.empty_like(x32)
         rows, length = (1, numel) if length % block == 0 else (numel // length, length)
         threads = threads_of() if numel >= PARALLEL_MIN else 1
-        return y if kernel(x32.data_ptr(), y.data_ptr(), rows, length, ref, threads) == 0 else None
+        status = kernel(x32.data_ptr(), y.data_ptr(), rows, length, ref, threads, int(numel >= NT_MIN))
+        return y if status == 0 else None
 
     return run
 
@@ -284,7 +291,7 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat, global_amax: torch.Tensor | Non
     if length % fmt.block_size == 0:  # no partial blocks: one flat run of blocks (scale passes span rows)
         rows, length = 1, x32.numel()
     status = _kernel(lib, fmt)(x32.data_ptr(), y.data_ptr(), rows, length, ctypes.byref(_params(fmt, static)),
-                               _threads(x32.numel()))
+                               _threads(x32.numel()), int(x32.numel() >= NT_MIN))
     return y if status == 0 else None
 
 

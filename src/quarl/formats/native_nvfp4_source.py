@@ -95,24 +95,24 @@ static inline void nv_amax_chunk(const float* xr, int64_t len, int64_t block, in
 /* full 16-blocks with RNE: the quantize pass's element loop with the division / multiplication fixed (GCC does
    not unswitch it); returns whether a block was non-finite (NaN-filled) */
 static inline int nv_run16(const float* restrict xs, float* restrict ys, int64_t nj, const uint32_t* bits,
-                           const float* mul, const float* dq, int div) {
+                           const float* mul, const float* dq, int div, int nt) {
     grid_k c = grid_consts(1, 0, 6.0f);
     int bad = 0;
     int64_t j = 0;
     for (; j + 2 <= nj; j += 2) { /* two blocks per trip: half the loop and NaN-check overhead */
         if ((bits[j] | bits[j + 1]) < 0x7F800000u) {
-            fq_block_k(xs + 16 * j, ys + 16 * j, 16, mul[j], dq[j], div, &c);
-            fq_block_k(xs + 16 * j + 16, ys + 16 * j + 16, 16, mul[j + 1], dq[j + 1], div, &c);
+            fq_block_k(xs + 16 * j, ys + 16 * j, 16, mul[j], dq[j], div, &c, nt);
+            fq_block_k(xs + 16 * j + 16, ys + 16 * j + 16, 16, mul[j + 1], dq[j + 1], div, &c, nt);
             continue;
         }
         for (int64_t i = j; i < j + 2; i++) {
             if (bits[i] >= 0x7F800000u) { bad = 1; fill_nan(ys + 16 * i, 16); }
-            else fq_block_k(xs + 16 * i, ys + 16 * i, 16, mul[i], dq[i], div, &c);
+            else fq_block_k(xs + 16 * i, ys + 16 * i, 16, mul[i], dq[i], div, &c, nt);
         }
     }
     for (; j < nj; j++) {
         if (bits[j] >= 0x7F800000u) { bad = 1; fill_nan(ys + 16 * j, 16); }
-        else fq_block_k(xs + 16 * j, ys + 16 * j, 16, mul[j], dq[j], div, &c);
+        else fq_block_k(xs + 16 * j, ys + 16 * j, 16, mul[j], dq[j], div, &c, nt);
     }
     return bad;
 }
@@ -122,7 +122,7 @@ static inline int nv_run16(const float* restrict xs, float* restrict ys, int64_t
    meets the reference policy (a static T: the eager path decides) */
 static inline int nv_quantize_chunk(const float* restrict xr, float* restrict yr, int64_t len, int64_t block,
                                     int64_t j0, int64_t nj, const uint32_t* known, const nv_consts* k, int profile,
-                                    int policy_block, int half_away) {
+                                    int policy_block, int half_away, int nt) {
     uint32_t bits[CHUNK];
     float mul[CHUNK], dq[CHUNK];
     int eager = 0;
@@ -131,8 +131,13 @@ static inline int nv_quantize_chunk(const float* restrict xr, float* restrict yr
     for (int64_t j = nj; j < CHUNK; j++) bits[j] = 0; /* the last vector's unused lanes */
     nv_scales(bits, nj, profile, k->T, k->gs, k->pts, k->rp, k->senc, k->sdec, mul, dq);
     if (block == 16 && !half_away && (j0 + nj) * 16 <= len) { /* the common case, specialized */
-        int bad = profile == 0 ? nv_run16(xr + j0 * 16, yr + j0 * 16, nj, bits, mul, dq, 1)
-                               : nv_run16(xr + j0 * 16, yr + j0 * 16, nj, bits, mul, dq, 0);
+        const float* xs = xr + j0 * 16;
+        float* ys = yr + j0 * 16; /* (constant div / nt per call: GCC does not unswitch the loop) */
+        int bad;
+        if (profile == 0)
+            bad = nt ? nv_run16(xs, ys, nj, bits, mul, dq, 1, 1) : nv_run16(xs, ys, nj, bits, mul, dq, 1, 0);
+        else
+            bad = nt ? nv_run16(xs, ys, nj, bits, mul, dq, 0, 1) : nv_run16(xs, ys, nj, bits, mul, dq, 0, 0);
         return bad && !policy_block;
     }
     for (int64_t j = 0; j < nj; j++) {
@@ -147,8 +152,8 @@ static inline int nv_quantize_chunk(const float* restrict xr, float* restrict yr
 /* NVFP4 fake quantization (profile 0 compressed_tensors, 1 torchao, 2 transformer_engine; policy_block 1 = the
    block-local non-finite policy). Both passes in one parallel region (one thread wake-up per call, not two: on a
    loaded 2-core machine each wake-up of a descheduled worker can cost a scheduler time slice); one thread calls no
-   OpenMP at all */
-int quarl_nvfp4_fq(const float* x, float* y, int64_t rows, int64_t len, const nv_params* a, int nthreads) {
+   OpenMP at all; nt: streaming stores (for outputs far larger than the cache) */
+int quarl_nvfp4_fq(const float* x, float* y, int64_t rows, int64_t len, const nv_params* a, int nthreads, int nt) {
     int64_t block = a->block, nb = (len + block - 1) / block, nchunks = (nb + CHUNK - 1) / CHUNK;
     int profile = a->profile, pb = a->policy_block, ha = a->half_away, has_t = a->has_t;
     uint32_t local[1024], *all_bits = NULL; /* the amax pass's block amaxes: the quantize pass reads x only once more */
@@ -157,9 +162,10 @@ int quarl_nvfp4_fq(const float* x, float* y, int64_t rows, int64_t len, const nv
     nv_consts k0 = nv_constants(a->t, profile);
     uint32_t m = 0, mall = 0;
     int eager = 0, status = has_t ? k0.status : 0;
+    nt = stream_ok(y, rows, nt);
 #define NV_AMAX(i) { CHUNK_AT(i); nv_amax_chunk(x + ro, len, block, j0, nj, all_bits + ro / len * nb + j0, &m, &mall); }
 #define NV_QUANT(i) { CHUNK_AT(i); eager |= nv_quantize_chunk(x + ro, y + ro, len, block, j0, nj, \
-                          all_bits ? all_bits + ro / len * nb + j0 : NULL, &k, profile, pb, ha); }
+                          all_bits ? all_bits + ro / len * nb + j0 : NULL, &k, profile, pb, ha, nt); }
 #define NV_CONSTS() { k = nv_constants(u2f(m), profile); k.status |= mall >= 0x7F800000u && !pb; }
     if (nthreads > 1) {
         #pragma omp parallel num_threads(nthreads)
@@ -173,8 +179,9 @@ int quarl_nvfp4_fq(const float* x, float* y, int64_t rows, int64_t len, const nv
                 status = k.status;
             }
             if (!k.status) {
-                #pragma omp for reduction(| : eager) schedule(static)
+                #pragma omp for reduction(| : eager) schedule(static) nowait
                 for (int64_t i = 0; i < rows * nchunks; i++) NV_QUANT(i)
+                if (nt) stream_fence(); /* before the region's closing barrier (which also completes the reduction) */
             }
         }
     } else {
@@ -185,6 +192,7 @@ int quarl_nvfp4_fq(const float* x, float* y, int64_t rows, int64_t len, const nv
             status = k.status;
         }
         if (!k.status) for (int64_t i = 0; i < rows * nchunks; i++) NV_QUANT(i)
+        if (nt) stream_fence();
     }
     if (all_bits != local) free(all_bits);
     return status | eager; /* 1: a non-finite tensor under the reference policy (or torchao's 0/0): eager decides */

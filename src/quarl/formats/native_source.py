@@ -96,6 +96,18 @@ static inline vi vmax(vi a, vi b) { return vsel(a > b, a, b); }
 static inline vi vmin(vi a, vi b) { return vsel(a < b, a, b); }
 #endif
 
+/* non-temporal stores for outputs far larger than the cache: a plain store first reads the line it writes (the
+   read-for-ownership), so a regular element pass moves 3 bytes per output byte where a streaming one moves 2 (4096^2
+   fp32, 1 thread: 6.9 ms vs 4.0 ms for the same pass here). Only 32-byte-aligned vectors; stream_fence() orders them
+   before the kernel returns. Values are unaffected (the same lanes are stored). */
+#if defined(__AVX2__) && !defined(QUARL_PORTABLE)
+static inline void vstream(float* p, vf v) { _mm256_stream_ps(p, (__m256)v); }
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+static inline void vstream(float* p, vf v) { vstore(p, v); }
+static inline void stream_fence(void) {}
+#endif
+
 static inline vf vself(vi m, vf a, vf b) { return (vf)vsel(m, (vi)a, (vi)b); }
 
 static inline vf vround_float_grid(vf v, int mbits, int emin, float maxn, int half_away) {
@@ -158,12 +170,14 @@ static inline vf vround_k(vf v, const grid_k* c) {
     return (vf)((vi)r | (vb ^ av));
 }
 
-/* fq_block for RNE over n (a multiple of VW) elements */
+/* fq_block for RNE over n (a multiple of VW) elements; nt: streaming stores (ys 32-byte aligned) */
 static inline void fq_block_k(const float* restrict xs, float* restrict ys, int64_t n, float mul, float dq, int div,
-                              const grid_k* c) {
+                              const grid_k* c, int nt) {
     for (int64_t k = 0; k < n; k += VW) { /* (scalar operands: GCC broadcasts them from memory) */
         vf v = vload(xs + k);
-        vstore(ys + k, vround_k(div ? v / mul : v * mul, c) * dq);
+        v = vround_k(div ? v / mul : v * mul, c) * dq;
+        if (nt) vstream(ys + k, v);
+        else vstore(ys + k, v);
     }
 }
 
@@ -265,9 +279,9 @@ static inline grid_k e2m1_block_consts(const grid_k* c, int byte) {
     return b;
 }
 
-/* full MXFP4 blocks with RNE (mxfp4's common case, specialized) */
+/* full MXFP4 blocks with RNE (mxfp4's common case, specialized; nt: streaming stores, called with a constant) */
 static inline void mx_run32(const float* restrict xs, float* restrict ys, int64_t nj, const uint32_t* bits, int mode,
-                            int even_mbits, int p, float rcp_max) {
+                            int even_mbits, int p, float rcp_max, int nt) {
     grid_k c = grid_consts(1, 0, 6.0f);
     for (int64_t j = 0; j < nj; j++) {
         const float* xb = xs + 32 * j;
@@ -276,9 +290,12 @@ static inline void mx_run32(const float* restrict xs, float* restrict ys, int64_
         int byte = mx_byte(u2f(bits[j]), mode, even_mbits, p, rcp_max);
         if (byte >= 1 && byte <= 230) {
             grid_k b = e2m1_block_consts(&c, byte);
-            for (int k = 0; k < 32; k += VW) vstore(yb + k, vround_k(vload(xb + k), &b));
+            for (int k = 0; k < 32; k += VW) {
+                if (nt) vstream(yb + k, vround_k(vload(xb + k), &b));
+                else vstore(yb + k, vround_k(vload(xb + k), &b));
+            }
         } else {
-            fq_block_k(xb, yb, 32, exp2i(127 - byte), exp2i(byte - 127), 0, &c);
+            fq_block_k(xb, yb, 32, exp2i(127 - byte), exp2i(byte - 127), 0, &c, nt);
         }
     }
 }
@@ -294,12 +311,13 @@ typedef struct { int64_t block; int32_t profile, policy_block, has_t; float t; i
     int64_t ro = ((i) / nchunks) * len, j0 = ((i) % nchunks) * CHUNK, nj = nb - j0 < CHUNK ? nb - j0 : CHUNK
 
 static inline void mx_chunk(const float* restrict xr, float* restrict yr, int64_t len, int64_t j0, int64_t nj,
-                            const mx_params* a) {
+                            const mx_params* a, int nt) {
     uint32_t bits[CHUNK];
     int64_t block = a->block;
     chunk_amax(xr, len, block, j0, nj, bits);
     if (block == 32 && !a->is_int && a->mbits == 1 && a->emin == 0 && !a->half_away && (j0 + nj) * 32 <= len) {
-        mx_run32(xr + j0 * 32, yr + j0 * 32, nj, bits, a->mode, a->even_mbits, a->p, a->rcp_max);
+        if (nt) mx_run32(xr + j0 * 32, yr + j0 * 32, nj, bits, a->mode, a->even_mbits, a->p, a->rcp_max, 1);
+        else mx_run32(xr + j0 * 32, yr + j0 * 32, nj, bits, a->mode, a->even_mbits, a->p, a->rcp_max, 0);
         return; /* mxfp4 full blocks, RNE: the common case, specialized */
     }
     for (int64_t j = 0; j < nj; j++) {
@@ -318,14 +336,26 @@ static inline void mx_chunk(const float* restrict xr, float* restrict yr, int64_
     }
 }
 
-/* MX fake quantization of rows x len fp32 (blocks along len); one thread calls no OpenMP at all (~1 us less) */
-int quarl_mx_fq(const float* x, float* y, int64_t rows, int64_t len, const mx_params* a, int nthreads) {
+/* streaming stores only where every vector store is 32-byte aligned: one flat run of blocks from an aligned y */
+static inline int stream_ok(const float* y, int64_t rows, int nt) {
+    return nt && rows == 1 && ((uintptr_t)y & 31) == 0;
+}
+
+/* MX fake quantization of rows x len fp32 (blocks along len); one thread calls no OpenMP at all (~1 us less); nt:
+   streaming stores (for outputs far larger than the cache) */
+int quarl_mx_fq(const float* x, float* y, int64_t rows, int64_t len, const mx_params* a, int nthreads, int nt) {
     int64_t nb = (len + a->block - 1) / a->block, nchunks = (nb + CHUNK - 1) / CHUNK;
+    nt = stream_ok(y, rows, nt);
     if (nthreads > 1) {
-        #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t i = 0; i < rows * nchunks; i++) { CHUNK_AT(i); mx_chunk(x + ro, y + ro, len, j0, nj, a); }
+        #pragma omp parallel num_threads(nthreads)
+        {
+            #pragma omp for schedule(static) nowait
+            for (int64_t i = 0; i < rows * nchunks; i++) { CHUNK_AT(i); mx_chunk(x + ro, y + ro, len, j0, nj, a, nt); }
+            if (nt) stream_fence(); /* each thread its own stores, before the region's closing barrier */
+        }
     } else {
-        for (int64_t i = 0; i < rows * nchunks; i++) { CHUNK_AT(i); mx_chunk(x + ro, y + ro, len, j0, nj, a); }
+        for (int64_t i = 0; i < rows * nchunks; i++) { CHUNK_AT(i); mx_chunk(x + ro, y + ro, len, j0, nj, a, nt); }
+        if (nt) stream_fence();
     }
     return 0;
 }
