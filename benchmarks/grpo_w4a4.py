@@ -150,7 +150,28 @@ def _summary(path: Path) -> dict | None:
     d = _paired(_problems(path, first["step"]), _problems(path, last["step"]))
     sps = [r["time/s_per_step"] for r in rows if "time/s_per_step" in r]
     return {"step0": first["val/acc_strict"], "final": last["val/acc_strict"], "steps": last["step"], "delta": d,
-            "s_per_step": sum(sps) / len(sps), "status": _status(path), "final_ids": _problems(path, last["step"])}
+            "s_per_step": sum(sps) / len(sps), "status": _status(path), "final_ids": _problems(path, last["step"]),
+            "trajectory": [(r["step"], r["val/acc_strict"]) for r in vals]}
+
+
+def _arm_lines(runs: dict[str, dict], w4a4_0: float, gap: float) -> list[str]:
+    """Mean over seeds for every arm with >= 2 finished seeds, and the trajectories of runs validated >= 3 times."""
+    arms: dict[str, list[dict]] = {}
+    for name, r in runs.items():
+        if r["status"] == "finished":
+            arms.setdefault(name.rsplit("-", 1)[0], []).append(r)
+    lines = ["\nPer arm over its finished seeds (final accuracy; share of the gap closed, mean and range):"]
+    for arm, rs in arms.items():
+        if len(rs) >= 2 and not arm.startswith("fp32"):
+            closed = [(r["final"] - w4a4_0) / gap for r in rs]
+            lines.append(f"{arm}: {len(rs)} seeds, final {100 * sum(r['final'] for r in rs) / len(rs):.1f}%, gap "
+                         f"closed {100 * sum(closed) / len(closed):.0f}% ({100 * min(closed):.0f}% to "
+                         f"{100 * max(closed):.0f}%)")
+    long = [(n, r) for n, r in runs.items() if len(r["trajectory"]) >= 3]
+    if long:
+        lines.append("\nValidation accuracy at every eval step (runs validated >= 3 times):")
+        lines += [f"{n}: " + ", ".join(f"{s} {100 * a:.1f}" for s, a in r["trajectory"]) for n, r in long]
+    return lines
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -186,6 +207,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         m, lo, hi = _paired(runs[b]["final_ids"], runs[a]["final_ids"])
         lines.append(f"{a} - {b}: {100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
     if gap:
+        lines += _arm_lines(runs, w4a4_0, gap)
         lines.append(f"W4A4 step 0 {100 * w4a4_0:.1f}%, fp32 step 0 {100 * fp32_0:.1f}%: gap {100 * gap:.1f} points")
     text = "\n".join(lines)
     print(text)
