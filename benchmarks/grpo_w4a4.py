@@ -156,7 +156,15 @@ def _summary(path: Path) -> dict | None:
     sps = [r["time/s_per_step"] for r in rows if "time/s_per_step" in r]
     return {"step0": first["val/acc_strict"], "final": last["val/acc_strict"], "steps": last["step"], "delta": d,
             "s_per_step": sum(sps) / len(sps), "status": _status(path), "final_ids": _problems(path, last["step"]),
-            "trajectory": [(r["step"], r["val/acc_strict"]) for r in vals]}
+            "trajectory": [(r["step"], r["val/acc_strict"]) for r in vals], "step0_ids": _problems(path, first["step"])}
+
+
+def _seed_mean_delta(rs: list[dict]) -> tuple[float, float, float]:
+    """Mean over seeds of final - step 0, per problem, with a normal 95% CI over the problems (seed-averaged pairs)."""
+    ids = sorted(set.intersection(*(set(r["final_ids"]) & set(r["step0_ids"]) for r in rs)))
+    a = {i: sum(r["step0_ids"][i] for r in rs) / len(rs) for i in ids}
+    b = {i: sum(r["final_ids"][i] for r in rs) / len(rs) for i in ids}
+    return _paired(a, b)
 
 
 def _arm_lines(runs: dict[str, dict], w4a4_0: float, gap: float) -> list[str]:
@@ -169,9 +177,12 @@ def _arm_lines(runs: dict[str, dict], w4a4_0: float, gap: float) -> list[str]:
     for arm, rs in arms.items():
         if len(rs) >= 2 and not arm.startswith("fp32"):
             closed = [(r["final"] - w4a4_0) / gap for r in rs]
-            lines.append(f"{arm}: {len(rs)} seeds, final {100 * sum(r['final'] for r in rs) / len(rs):.1f}%, gap "
-                         f"closed {100 * sum(closed) / len(closed):.0f}% ({100 * min(closed):.0f}% to "
-                         f"{100 * max(closed):.0f}%)")
+            m, lo, hi = _seed_mean_delta(rs)
+            lines.append(f"{arm}: {len(rs)} seeds, final {100 * sum(r['final'] for r in rs) / len(rs):.1f}%, mean Δ "
+                         f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}], gap closed "
+                         f"{100 * sum(closed) / len(closed):.0f}% ({100 * min(closed):.0f}% to "
+                         f"{100 * max(closed):.0f}%; the mean Δ's CI / gap: {100 * lo / gap:.0f}% to "
+                         f"{100 * hi / gap:.0f}%)")
     long = [(n, r) for n, r in runs.items() if len(r["trajectory"]) >= 3]
     if long:
         lines.append("\nValidation accuracy at every eval step (runs validated >= 3 times):")
