@@ -26,7 +26,8 @@ the compiler and the CPU, then loads it with ctypes; later processes just load i
 no ``-ffast-math``. No compiler, a failed build or a failed load: logged once, and every call falls back to eager.
 ``QUARL_NATIVE=0`` turns the path off. Calls go through ``quarl_mx_fq`` / ``quarl_nvfp4_fq`` with the per-format
 constants in one ctypes struct built once per format (7 arguments to convert per call instead of 19). From ``NT_MIN``
-elements the output is written with streaming stores (a flat run of blocks into the 64-byte-aligned output).
+elements the output is written with streaming stores (a flat run of blocks into a 32-byte-aligned output, which
+torch's 64-byte-aligned CPU allocations always are; plain stores otherwise).
 
 State: the loaded library is memoized by :func:`library` (``functools.lru_cache``, ``library.cache_clear()`` resets
 it); there are no other module globals.
