@@ -75,7 +75,7 @@ ARMS = {  # name: (extra overrides, seeds)
     # 3 seeds: STE 59% of the gap (56-63%), +3.0 / +3.5 / +0.4 over the 80-step run of the same seed; distillation
     # adds nothing at 240 steps (55%). Session 6: does plain STE keep rising (360 steps), and does sampling closer
     # to the greedy evaluation help (T 0.7)?
-    "ste_long360": (W4A4 + ["grpo.steps=360", "eval.every=40"], (0,)),
+    "ste_long360": (W4A4 + ["grpo.steps=360", "eval.every=40"], (0, 1)),  # s0: 65.9 (70%); s1 started late
     "ste_t07_long240": (W4A4 + ["grpo.temperature=0.7", "grpo.steps=240", "eval.every=40"], (0,)),
     # T 0.7: 64.0 at step 240, the same as T 1.0 on seed 0 (paired vs the 80-step baseline +3.0 [+0.4, +5.6])
 }
