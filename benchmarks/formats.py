@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from quarl.formats import fake_quantize, native, fake_quantizer, get_format
+from quarl.formats import fake_quantize, fake_quantizer, get_format, native
 from quarl.formats.quantize import fake_quantize_eager
 
 

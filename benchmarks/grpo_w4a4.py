@@ -31,8 +31,8 @@ BASE = ["model.name=testbed:tiny", "grpo.prompts_per_step=16", "grpo.generations
 W4A4 = ["injection.scheme=MXFP4", "injection.apply_during=both"]
 SEEDS = (0, 1, 2)
 ARMS = {  # name: (extra overrides, seeds)
-    "ste": (W4A4, (0, 1, 2)),
-    "noste": (W4A4 + ["injection.use_ste=false"], (0, 1, 2)),
+    "ste": (W4A4, SEEDS),
+    "noste": (W4A4 + ["injection.use_ste=false"], SEEDS),
     "fp32": ([], (0,)),
     "ste_aqn": (W4A4 + ["aqn.enabled=true"], (0,)),
     "ste_norms": (W4A4 + ["lora.trainable_norms=true"], (0,)),
@@ -52,7 +52,7 @@ ARMS = {  # name: (extra overrides, seeds)
     # session 4: neither helped (36% / 45%): the one sampled token's log-prob is a noisy view of the teacher. The dense
     # version: grpo.distill = weight of KL(unquantized || policy) over the full next-token distribution at every
     # completion position, next to the reward
-    "ste_distill1": (W4A4 + ["grpo.distill=1.0"], (0, 1, 2)),
+    "ste_distill1": (W4A4 + ["grpo.distill=1.0"], SEEDS),
     "ste_distill5": (W4A4 + ["grpo.distill=5.0"], (0,)),
     # 50% / 47%: the KL to full precision falls only 0.0126 -> 0.0076 in 80 steps at lr 1e-4 -- the update budget,
     # not the signal, limits it; a dense distillation target should also tolerate a larger lr than RL alone (>= 1e-3
@@ -75,7 +75,7 @@ ARMS = {  # name: (extra overrides, seeds)
     # 3 seeds: STE 59% of the gap (56-63%), +3.0 / +3.5 / +0.4 over the 80-step run of the same seed; distillation
     # adds nothing at 240 steps (55%). Session 6: does plain STE keep rising (360 steps), and does sampling closer
     # to the greedy evaluation help (T 0.7)?
-    "ste_long360": (W4A4 + ["grpo.steps=360", "eval.every=40"], (0, 1)),  # s0: 65.9 (70%); s1 started late
+    "ste_long360": (W4A4 + ["grpo.steps=360", "eval.every=40"], (0, 1)),  # 65.9 / 63.7: 70% / 57% of the gap
     "ste_t07_long240": (W4A4 + ["grpo.temperature=0.7", "grpo.steps=240", "eval.every=40"], (0,)),
     # T 0.7: 64.0 at step 240, the same as T 1.0 on seed 0 (paired vs the 80-step baseline +3.0 [+0.4, +5.6])
 }
@@ -153,11 +153,12 @@ def _summary(path: Path) -> dict | None:
     if len(vals) < 2:
         return None
     first, last = vals[0], vals[-1]
-    d = _paired(_problems(path, first["step"]), _problems(path, last["step"]))
+    step0_ids, final_ids = _problems(path, first["step"]), _problems(path, last["step"])
     sps = [r["time/s_per_step"] for r in rows if "time/s_per_step" in r]
-    return {"step0": first["val/acc_strict"], "final": last["val/acc_strict"], "steps": last["step"], "delta": d,
-            "s_per_step": sum(sps) / len(sps), "status": _status(path), "final_ids": _problems(path, last["step"]),
-            "trajectory": [(r["step"], r["val/acc_strict"]) for r in vals], "step0_ids": _problems(path, first["step"])}
+    return {"step0": first["val/acc_strict"], "final": last["val/acc_strict"], "steps": last["step"],
+            "delta": _paired(step0_ids, final_ids), "s_per_step": sum(sps) / len(sps), "status": _status(path),
+            "step0_ids": step0_ids, "final_ids": final_ids,
+            "trajectory": [(r["step"], r["val/acc_strict"]) for r in vals]}
 
 
 def _seed_mean_delta(rs: list[dict]) -> tuple[float, float, float]:
