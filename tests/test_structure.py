@@ -10,9 +10,10 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "quarl"
 
 # Lower rank may never import higher rank; same-rank packages may not import each other either.
-# formats, data and configio are leaves: they import nothing from quarl (configio) or only configio.
+# formats, data, configio and mdtable are leaves: they import nothing from quarl (configio, mdtable) or only configio.
 RANK = {
     "configio": 0,
+    "mdtable": 0,  # the one Markdown table renderer (a leaf, so every package may use it)
     "formats": 1,
     "data": 1,
     "inject": 2,

@@ -31,6 +31,7 @@ from quarl.data.records import Problem
 from quarl.eval.harness import EvalConfig, GenerationConfig, run_eval
 from quarl.eval.metrics import wilson_interval
 from quarl.inject import InjectionSpec
+from quarl.mdtable import render_table
 from quarl.models.testbed import DEFAULT_CONFIG, TestbedConfig, deterministic, held_out, pretrain
 
 log = logging.getLogger(__name__)
@@ -109,15 +110,16 @@ def markdown_table(rows: list[AccuracyRow]) -> str:
     """The README table: accuracy with 95% Wilson CI, change vs the first row, format compliance, by steps."""
     steps = sorted({k for r in rows for k in r.by_steps})
     head = ["variant", "accuracy [95% CI]", "Δ vs baseline", "format compliance"] + [f"{k}-step" for k in steps]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows[0].accuracy
+    cells = []
     for r in rows:
         lo, hi = r.ci()
         delta = "—" if r is rows[0] else f"{100 * (r.accuracy - base):+.1f}"
-        cells = [r.label, f"{100 * r.accuracy:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", delta,
-                 f"{100 * r.formatted / r.n:.1f}%"]
-        cells += [f"{100 * c / t:.1f}%" if t else "—" for c, t in (r.by_steps.get(k, (0, 0)) for k in steps)]
-        lines.append("| " + " | ".join(cells) + " |")
+        row = [r.label, f"{100 * r.accuracy:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]", delta,
+               f"{100 * r.formatted / r.n:.1f}%"]
+        row += [f"{100 * c / t:.1f}%" if t else "—" for c, t in (r.by_steps.get(k, (0, 0)) for k in steps)]
+        cells.append(row)
+    lines = [render_table(head, cells)]
     n = rows[0].n
     lines.append(f"\nGreedy, verl strict `#### N` scoring, {n} held-out synthetic problems (disjoint from training), "
                  f"batch 64, fp32 CPU. Reproduce: `{REPORT_CMD.replace('500', str(n))}`.")
