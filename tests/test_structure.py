@@ -1,4 +1,4 @@
-"""Project structure rules (STYLE.md §2, §5, §7): one-way imports, the 500-line cap, no rtol >= 1.
+"""Project structure rules: one-way imports, the 500-line cap, no rtol >= 1.
 
 Run: pytest tests/test_structure.py
 """

@@ -2,7 +2,7 @@
 
 Every quarl config is a frozen dataclass; YAML is only its serialized form. The loader is strict: an unknown key is
 an error that names the nearest valid key (``difflib``), because a silently dropped key is one of the ways RL
-experiments lie (FIELD_NOTES §2 item 3: a per-layer sigma read from a key nothing set).
+experiments lie (a per-layer sigma read from a key that nothing set ran with no per-layer sigma at all).
 
 Nested dataclass fields are converted recursively; tuples are written as YAML lists and read back as tuples.
 This module imports nothing from quarl, so every subpackage may use it.

@@ -47,7 +47,8 @@ def test_w4a4_report_is_complete_and_model_restored(model, tokenizer):
 
 
 def test_no_ste_is_detected_as_an_error(model):
-    """FIELD_NOTES §2 item 1, caught before any GPU hour: every projection input loses its gradient."""
+    """failure mode 1 in docs/failure-modes.md, caught before any GPU hour: every projection input loses its
+    gradient."""
     ids = torch.randint(0, 128, (2, 16))
     report = diagnose(model, InjectionSpec(scheme="W4A4", use_ste=False), input_ids=ids)
     assert not report.ok and any("gradient flow" in e for e in report.errors)

@@ -39,7 +39,7 @@ def test_cli_eval_writes_results(tiny_loader, tmp_path, capsys):
     printed = capsys.readouterr().out
     verl = [line for line in printed.splitlines() if line.startswith("val-core/")]
     assert verl and verl[0].startswith("val-core/openai/gsm8k/acc/mean@1 = ")
-    assert all(" [" in line and "95%, n=3)" in line for line in verl)  # issue 4: a CI on every printed accuracy
+    assert all(" [" in line and "95%, n=3)" in line for line in verl)  # a CI on every printed accuracy
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["n"] == 3 and summary["config"]["spec"] is None and summary["quantization"] is None
     assert summary["config"]["eval"]["generation"]["max_new_tokens"] == 4

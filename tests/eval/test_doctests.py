@@ -1,4 +1,4 @@
-"""Run the doctests of quarl.eval and quarl.data modules (STYLE §6: examples are tests).
+"""Run the doctests of quarl.eval and quarl.data modules (examples in docstrings are tests).
 
 Run: python -m pytest tests/eval/test_doctests.py -q
 """

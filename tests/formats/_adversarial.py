@@ -3,20 +3,20 @@
 Not a test module (leading underscore): `test_xcheck_*.py` and `test_properties.py` import it. Every generator is
 deterministic (seeded `torch.Generator`), returns a float32 tensor of shape `(rows, cols)` with `cols` a multiple of 32
 (so it blocks evenly for MX block 32, NVFP4 block 16 and NVFP4 2-D 16x16 when `rows` is a multiple of 16), and targets
-one numerical edge of FORMATS.md:
+one numerical edge where the references differ (docs/formats.md):
 
 - `normal`, `uniform`: plain random data (SQNR-style regime).
 - `outliers`: normal data with a few entries scaled by 1e2..1e4, so block amax and tensor amax differ by decades and
-  small blocks see the E4M3 scale floor (FORMATS.md §4, §6 #6).
+  small blocks see the E4M3 scale floor (docs/formats.md difference 6).
 - `grid_ties`: per block, a power-of-two scale 2^k times {the element grid, the midpoints between grid neighbours};
   the block amax is `elem_max * 2^k`, so under FLOOR/RCEIL/NVFP4-with-pow2-global the scaled values are *exact* ties
-  (FORMATS.md §2 tie table, §6 #1). `nv_ties` does the same for NVFP4 (power-of-two tensor and block scales).
+  (docs/formats.md difference 1). `nv_ties` does the same for NVFP4 (power-of-two tensor and block scales).
 - `pow2_neighbours`: 2^k and nextafter(2^k, ±inf) for k across the fp32 range, and block maxima at the scale-mode
-  boundaries `{6, 7, 7.5, 8, 28, 448, 470, 480, 57344} * 2^k` and their neighbours (FORMATS.md §3 scale table,
-  §6 #2/#3/#9).
-- `tiny`: fp32 subnormal and near-subnormal magnitudes, amax down to 2^-149 (FORMATS.md §3 `mx_fp32_denormal_range`).
+  boundaries `{6, 7, 7.5, 8, 28, 448, 470, 480, 57344} * 2^k` and their neighbours (docs/formats.md
+  differences 2, 3, 9).
+- `tiny`: fp32 subnormal and near-subnormal magnitudes, amax down to 2^-149 (hand check `mx_fp32_denormal_range`).
 - `huge`: magnitudes up to 3.39e38 (bf16 max; scale-exponent clamp at +127).
-- `zero_blocks`: normal data with whole blocks set to +0.0 or -0.0 (FORMATS.md §6 #7, #10).
+- `zero_blocks`: normal data with whole blocks set to +0.0 or -0.0 (docs/formats.md differences 7, 10).
 - `all_zero`: the all-zero tensor with mixed signed zeros (`nv_all_zero_tensor`).
 
 `as_dtype` casts to bf16/fp16 (values that bf16/fp16 cannot hold round or overflow; that is the point: it is what a
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 import pytest
 import torch
 
-# Positive element grids (FORMATS.md §1): used for ties and for the `quarl formats --sample` grid check.
+# Positive element grids (E2M1, E2M3, E3M2, E4M3, E5M2): used for ties and for the `quarl formats --sample` grid check.
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
@@ -176,7 +176,7 @@ def tiny(rows: int = 32, cols: int = 128, seed: int = 0) -> torch.Tensor:
     x = torch.exp2(e) * torch.where(torch.rand(rows, cols, generator=g) < 0.5, -1.0, 1.0)
     x[0, :16] = 0.0
     x[0, 3] = 2.0**-149  # a block whose amax is the smallest subnormal
-    x[1, :32] = 1.5 * 2.0**-125  # FORMATS.md §7 `mx_fp32_denormal_range` block
+    x[1, :32] = 1.5 * 2.0**-125  # docs/formats.md hand check `mx_fp32_denormal_range` block
     return x
 
 

@@ -1,5 +1,5 @@
 """Exhaustive code tables: every E2M1 / E2M3 / E3M2 / E4M3 / E5M2 / E8M0 / INT / NF4 code decodes to its from-bits
-value and re-encodes to itself; packing layout; native float8 cast cross-check (STYLE §7 (a), (e)).
+value and re-encodes to itself; packing layout; native float8 cast cross-check.
 
 Run: python -m pytest tests/formats/test_codes.py -q
 """

@@ -63,7 +63,7 @@ def test_compiled_formats_are_memoized_per_format(clean_fast_state):
 
 
 def test_no_module_level_mutable_state():
-    # STYLE: formats keeps no globals; the memo above is the one explicit, bounded exception
+    # quarl.formats keeps no globals; the memo above is the one explicit, bounded exception
     mutable = {n for n, v in vars(fast).items() if isinstance(v, (dict, list, set)) and not n.startswith("__")}
     assert mutable == set()
 

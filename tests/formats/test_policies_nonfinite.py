@@ -4,7 +4,7 @@ and the transcription of TransformerEngine's PyTorch reference (the helpers of t
 ``nonfinite="block"`` keeps quarl's block-local policy (tests/formats/test_policies.py).
 
 Comparison: NaN positions equal and every other element equal (``==``; -0.0 vs +0.0 is the documented sign-of-zero
-difference, FORMATS.md §6 #10), so +-Inf positions and signs are compared too.
+difference, docs/formats.md difference 10), so +-Inf positions and signs are compared too.
 
 Run: python -m pytest tests/formats/test_policies_nonfinite.py -q
 """

@@ -1,4 +1,4 @@
-"""Hand-written tie and hand-check tables (FORMATS.md §2 tie table, §7 hand checks) in the torchao
+"""Hand-written tie and hand-check tables (the tie table and hand checks of docs/formats.md) in the torchao
 ``test_kernels.py::test_fp4_*`` style: input, expected output, and why.
 
 Run: python -m pytest tests/formats/test_ties.py -q

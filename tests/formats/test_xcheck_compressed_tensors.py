@@ -17,10 +17,10 @@ compressed-tensors computes `amax / 6` and the global scale in the *input* dtype
 
 Differences that quarl documents and deliberately does not reproduce, excluded exactly where they apply:
 
-1. Sign of zero (FORMATS.md §6 #10). compressed-tensors adds its symmetric zero point (+0.0) to the scaled value
-   `x / scale`, so wherever that is `-0.0` (an input -0.0, or a tiny negative that underflows in the division) CT's
-   grid value is +0.0 and its code has no sign bit; quarl keeps -0.0 (code with only the sign bit). Excluded: exactly
-   the elements whose CT scaled value is -0.0 (there quarl's code must be the sign-bit code and CT's must be 0).
+1. Sign of zero (docs/formats.md difference 10). compressed-tensors adds its symmetric zero point (+0.0) to the scaled
+   value `x / scale`, so wherever that is `-0.0` (an input -0.0, or a tiny negative that underflows in the division)
+   CT's grid value is +0.0 and its code has no sign bit; quarl keeps -0.0 (code with only the sign bit). Excluded:
+   exactly the elements whose CT scaled value is -0.0 (there quarl's code must be the sign-bit code and CT's must be 0).
    Values are equal there under `==`. `test_ct_negative_zero_code` shows it.
 2. CT MX scale overflow (found by these tests, see `test_ct_mx_scale_overflows_at_top_binade`): CT's
    `round_to_power_2` adds the rounding bit to the fp32 bits of amax, so a block amax >= 1.75 * 2^127 becomes Inf,
@@ -132,7 +132,8 @@ def test_nvfp4_packing_matches_ct() -> None:
 
 
 def test_ct_negative_zero_code() -> None:
-    """FORMATS.md §6 #10: -0.0 -> CT code 0, quarl code 8; a tiny negative that rounds to 0 -> code 8 in both."""
+    """docs/formats.md difference 10: -0.0 -> CT code 0, quarl code 8; a tiny negative that rounds to 0 -> code 8 in
+    both."""
     x = torch.zeros(1, 16)
     x[0, 0] = 6e30  # amax: gs = 2688 / 6e30, s8 = 448, scale = s8 / gs = 1e30
     x[0, 1] = -0.0

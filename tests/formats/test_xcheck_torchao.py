@@ -6,7 +6,7 @@ Reference side: `torchao.prototype.mx_formats` — `to_mx` / `to_dtype` for MX, 
 `per_tensor_amax_to_scale` for two-level NVFP4, `pack_uint4` / `unpack_uint4` for packing. Every comparison is exact
 (`torch.equal`, NaN positions included); no ulp tolerance is needed.
 
-quarl's MX profile targets torchao MAIN where 0.18.0 has documented bugs (FORMATS.md §3). Those inputs are excluded
+quarl's MX profile targets torchao MAIN where 0.18.0 has documented bugs (docs/formats.md). Those inputs are excluded
 from the 0.18.0 equality — exactly the blocks that trigger each bug — and each bug has a test that shows it:
 
 1. FLOOR 2^-126 clamp: 0.18 stores byte 0 (2^-127) but divides by 2^-126, so nonzero blocks with byte 0 come back at
@@ -193,7 +193,8 @@ def test_rceil_subnormal_descale_byte() -> None:
 
 
 def test_018_floor_denormal_clamp_bug() -> None:
-    """FORMATS.md §7 `mx_fp32_denormal_range`: amax 1.5 * 2^-125 -> byte 0; 0.18 dequantizes to amax/2, quarl exact."""
+    """docs/formats.md hand check `mx_fp32_denormal_range`: amax 1.5 * 2^-125 -> byte 0; 0.18 dequantizes to amax/2,
+    quarl exact."""
     x = torch.zeros(1, 32)
     x[0, 0] = 1.5 * 2.0**-125
     old = _ao_018_mx(x, "mxfp4", _FLOOR)
@@ -204,7 +205,7 @@ def test_018_floor_denormal_clamp_bug() -> None:
 
 
 def test_018_rceil_log2_bug() -> None:
-    """FORMATS.md §3 `mx_rceil_log2`: amax 96.0000076: 0.18 log2 RCEIL -> 2^4 (byte 131), main/quarl -> 2^5 (132)."""
+    """Hand check `mx_rceil_log2`: amax 96.0000076: 0.18 log2 RCEIL -> 2^4 (byte 131), main/quarl -> 2^5 (132)."""
     x = torch.zeros(1, 32)
     x[0, 0] = 96.0000076
     x[0, 1] = 8.0
@@ -217,7 +218,8 @@ def test_018_rceil_log2_bug() -> None:
 
 @pytest.mark.parametrize("mode,byte", [(_FLOOR, 253), (_RCEIL, 254)], ids=["floor", "rceil"])
 def test_018_inf_amax_byte(mode: ScaleCalculationMode, byte: int) -> None:
-    """FORMATS.md §3/§6 #5: 0.18 gives Inf blocks byte 253 (FLOOR) / 254 (RCEIL); main and quarl give 255 (NaN)."""
+    """docs/formats.md difference 5: 0.18 gives Inf blocks byte 253 (FLOOR) / 254 (RCEIL); main and quarl give 255
+    (NaN)."""
     x = torch.ones(1, 32)
     x[0, 0] = float("inf")
     old = _ao_018_mx(x, "mxfp4", mode)
@@ -240,7 +242,8 @@ def _ao_nvfp4(x: torch.Tensor) -> dict[str, torch.Tensor]:
     "family,dtype", sweep(("normal", "nv_ties", "pow2_neighbours", "tiny", "all_zero", "outliers", "zero_blocks"))
 )
 def test_nvfp4_matches_torchao(family: str, dtype: torch.dtype) -> None:
-    """All finite families, including the all-zero tensor (NaN in both, reproduced on purpose, FORMATS.md §6 #7).
+    """All finite families, including the all-zero tensor (NaN in both, reproduced on purpose, docs/formats.md
+    difference 7).
 
     Codes are compared where the block scale is not NaN: inside a NaN block torchao's codes are whatever its fp4
     cast makes of NaN (no special case) and quarl stores 0; both blocks dequantize to NaN.
@@ -258,7 +261,8 @@ def test_nvfp4_matches_torchao(family: str, dtype: torch.dtype) -> None:
 
 
 def test_nvfp4_torchao_tiny_block_clamp() -> None:
-    """FORMATS.md §6 #6 `nv_tiny_block`: torchao clamps the E4M3 block scale at 2^-6 (never subnormal), CT does not."""
+    """docs/formats.md difference 6 `nv_tiny_block`: torchao clamps the E4M3 block scale at 2^-6 (never subnormal), CT
+    does not."""
     x = torch.zeros(1, 32)
     x[0, 0] = 2688.0  # pts = 1
     x[0, 16] = 6 * 2.0**-8  # block 1: scale 2^-8 wanted, an E4M3 subnormal

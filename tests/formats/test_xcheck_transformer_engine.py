@@ -4,10 +4,10 @@ Run: pytest tests/formats/test_xcheck_transformer_engine.py -q
 
 TransformerEngine cannot be installed here (it needs CUDA), so the reference is `_te_nvfp4` below: a line-by-line
 transcription of `transformer_engine/pytorch/custom_recipes/reference_nvfp4.py`
-(`NVFP4QuantizerRef._quantize_blockwise_reference`, `cast_to_fp4x2`; FORMATS.md §4b steps 1-5), written from the
-spec, not from quarl. The dequant product order `(s8 * amax) * (1/2688)` is `dequantize_nvfp4.cuh`'s (FORMATS.md §4b).
-The transcription is itself pinned by hand-computed vectors (FORMATS.md §7 `nv_two_blocks`, the E4M3-subnormal
-block scale of §6 #6, the all-zero tensor of §6 #7, 16x16 2-D weight tiles). All comparisons are exact.
+(`NVFP4QuantizerRef._quantize_blockwise_reference`, `cast_to_fp4x2`), written from the
+spec, not from quarl. The dequant product order `(s8 * amax) * (1/2688)` is `dequantize_nvfp4.cuh`'s.
+The transcription is itself pinned by hand-computed vectors (docs/formats.md hand check `nv_two_blocks`, the
+E4M3-subnormal block scale of §6 #6, the all-zero tensor of §6 #7, 16x16 2-D weight tiles). All comparisons are exact.
 
 Known, documented differences (quarl policy, not TE's): `-0.0` keeps its sign in quarl (TE's `cast_to_fp4x2` maps
 -0.0 to code 0, but a tiny negative that rounds to zero to code 8) -- excluded exactly at inputs equal to -0.0;
@@ -88,7 +88,8 @@ def _check(x: torch.Tensor, **options) -> None:
 
 # ----------------------------------------------------------------------------------------------- hand vectors
 def test_te_transcription_nv_two_blocks() -> None:
-    """FORMATS.md §7 `nv_two_blocks` under TE: S_enc = 2688/6 = 448, s8 = e4m3(1 * 448/6 = 74.67) = 72 (byte 105).
+    """docs/formats.md hand check `nv_two_blocks` under TE: S_enc = 2688/6 = 448, s8 = e4m3(1 * 448/6 = 74.67) = 72
+    (byte 105).
 
     enc = 1 / (72 / 448) = 6.2222: 1.0 -> 6.22 -> 6; 0.5 -> 3.11 -> 3; -0.25 -> -1.56 -> -1.5; 0.3 -> 1.87 -> 2.
     dequant: 6 * ((72 * 6) * (1/2688)) = 0.9642857.
@@ -100,12 +101,13 @@ def test_te_transcription_nv_two_blocks() -> None:
     assert ref["scales"][0, 0].float() == 72.0 and ref["scales"].view(torch.uint8)[0, 0] == 105
     assert ref["codes"][0, :4].tolist() == [7, 5, 11, 4]  # 6, 3, -1.5, 2
     assert torch.equal(ref["deq"][0, 0], torch.tensor(6 * ((72.0 * 6.0) * (1.0 / 2688.0)), dtype=torch.float32))
-    assert abs(ref["deq"][0, 0].item() - 0.9642857) < 1e-7  # atol: the 7 printed digits of FORMATS.md §7
+    assert abs(ref["deq"][0, 0].item() - 0.9642857) < 1e-7  # atol: the 7 digits of the hand computation
     _check(x)
 
 
 def test_te_transcription_subnormal_block_scale() -> None:
-    """FORMATS.md §6 #6: TE has no E4M3 lower clamp. amax 2688 -> S_enc 1; a block amax 6 * 2^-8 -> s8 = 2^-8,
+    """docs/formats.md difference 6: TE has no E4M3 lower clamp. amax 2688 -> S_enc 1; a block amax 6 * 2^-8 -> s8 =
+    2^-8,
     the E4M3 subnormal 0x02 (torchao would clamp to 2^-6), and the block quantizes exactly."""
     x = torch.zeros(1, 32)
     x[0, 0] = 2688.0
@@ -117,7 +119,8 @@ def test_te_transcription_subnormal_block_scale() -> None:
 
 
 def test_te_transcription_all_zero() -> None:
-    """FORMATS.md §6 #7: amax 0 -> S_enc 1 (kernel), s8 = 0 (byte 0), enc = FLT_MAX, codes 0, output 0 (no NaN)."""
+    """docs/formats.md difference 7: amax 0 -> S_enc 1 (kernel), s8 = 0 (byte 0), enc = FLT_MAX, codes 0, output 0 (no
+    NaN)."""
     x = torch.zeros(2, 32)
     ref = _te_nvfp4(x)
     assert ref["scales"].view(torch.uint8).eq(0).all() and ref["deq"].eq(0).all()
@@ -125,7 +128,7 @@ def test_te_transcription_all_zero() -> None:
 
 
 def test_te_transcription_2d_tiles() -> None:
-    """16x16 tiles: one amax per tile, broadcast to each row's 1x16 scale (FORMATS.md §4b, `nvfp4_2d_te_weight`)."""
+    """16x16 tiles: one amax per tile, broadcast to each row's 1x16 scale (TE's 2-D weight recipe)."""
     x = torch.zeros(32, 32)
     x[0, 0] = 6.0  # tile (0, 0) amax 6, tensor amax 6
     x[15, 1] = 1.0  # row 15 is in tile (0, 0): its scale is the tile's, not its own

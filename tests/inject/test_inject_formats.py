@@ -53,8 +53,8 @@ def test_hf_models_inject_and_restore(scheme, arch, request, ids):
 
 
 def test_w4a4_gradients_flow_through_ste_and_no_ste_cuts(llama, ids):
-    """FIELD_NOTES §2 item 1 on a real architecture: the input gradient of every projection exists with the STE,
-    and is None for q/k/v/gate/up (whose inputs come only from a norm) without it."""
+    """Failure mode 1 of docs/failure-modes.md on a real architecture: the input gradient of every projection exists
+    with the STE, and is None for q/k/v/gate/up (whose inputs come only from a norm) without it."""
     captured = {}
 
     def keep_input(name):
@@ -100,7 +100,8 @@ def test_indivisible_block_is_named_in_log(caplog):
 def test_clipped_ste_option_reaches_formats():
     lin = nn.Sequential(nn.Linear(32, 4, bias=False))
     x = torch.full((1, 32), 0.5)
-    x[0, 0] = 7.0  # MX FLOOR: amax 7 -> scale 2^0, and 7 saturates to 6 (FORMATS.md §7 mx_saturation_amax7)
+    # MX FLOOR: amax 7 -> scale 2^0, and 7 saturates to 6 (docs/formats.md, hand check `mx_saturation_amax7`)
+    x[0, 0] = 7.0
     grads = {}
     for ste in ("clipped", "identity"):
         xg = x.clone().requires_grad_()
@@ -116,8 +117,8 @@ def test_clipped_ste_option_reaches_formats():
 
 
 def test_fake_quant_calls_counted_weights_once_inputs_every_forward(monkeypatch, llama, ids):
-    """FIELD_NOTES §2 item 7 with the real format: 5 forwards of W4A4 quantize 14 weights once; each distinct
-    activation tensor is quantized once per forward."""
+    """Failure mode 7 of docs/failure-modes.md with the real format: 5 forwards of W4A4 quantize 14 weights once;
+    each distinct activation tensor is quantized once per forward."""
     import quarl.formats
 
     calls = []

@@ -1,7 +1,7 @@
 """The Injector: phase gating, bit-exact detach, weight cache per version, STE gradients, telemetry.
 
-Regressions for FIELD_NOTES §2: item 1 (no-STE cut), item 5 (LoRA never quantized), item 7 (weights not
-re-quantized on every forward). Noise models here; the format path is in test_inject_formats.py.
+Regressions for failure modes 1 (no-STE cut), 5 (LoRA never quantized) and 7 (weights not re-quantized on every
+forward) of docs/failure-modes.md. Noise models here; the format path is in test_inject_formats.py.
 
 Run: python -m pytest tests/inject/test_inject_injector.py -q
 """
@@ -103,7 +103,7 @@ def test_unset_phase_with_both_is_on_and_visible_in_telemetry():
 
 
 def test_weight_error_computed_once_per_version(monkeypatch):
-    """FIELD_NOTES §2 item 7: weights must not be re-quantized and cloned on every forward."""
+    """failure mode 7 in docs/failure-modes.md: weights must not be re-quantized and cloned on every forward."""
     calls = []
     real = errors_mod.relative_gaussian
     monkeypatch.setitem(errors_mod._NOISE, "relative_gaussian", lambda *a: calls.append(1) or real(*a))
@@ -124,7 +124,7 @@ def test_weight_error_computed_once_per_version(monkeypatch):
 
 
 def test_ste_gradients_nonzero_and_no_ste_cut():
-    """FIELD_NOTES §2 item 1: without the STE the gradient through the injected input is cut."""
+    """failure mode 1 in docs/failure-modes.md: without the STE the gradient through the injected input is cut."""
     model = _mlp()
     x = torch.randn(4, 16, requires_grad=True)
     with attach(model, InjectionSpec(**REL, injection_point="both")):
@@ -203,7 +203,8 @@ def test_never_fired_is_reported(llama, ids):
 
 
 def test_lora_params_untouched_and_receive_gradients(lora_llama, ids):
-    """FIELD_NOTES §2 item 5: adapters are never quantized; their gradients flow through the injected base."""
+    """failure mode 5 in docs/failure-modes.md: adapters are never quantized; their gradients flow through the injected
+    base."""
     adapters = {n: p.detach().clone() for n, p in lora_llama.named_parameters() if "lora_" in n}
     inj = attach(lora_llama, InjectionSpec(**REL, injection_point="both"), phase="training")
     assert not any("lora_" in m for m in inj.modules)

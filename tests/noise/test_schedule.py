@@ -1,4 +1,4 @@
-"""AQN schedules: exact values (QeRL's code, FIELD_NOTES §3) and the setup-time never-fires guard."""
+"""AQN schedules: exact values (QeRL's ``trl_trainer/noise_scheduler.py``) and the setup-time never-fires guard."""
 
 import math
 

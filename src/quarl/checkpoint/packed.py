@@ -13,7 +13,7 @@
   - ``"static"`` (default; what vLLM runs): NVFP4 uses the stored ``input_global_scale`` (as the per-tensor amax
     that reproduces it exactly, `_amax_for_global_scale`), FP8 the stored ``input_scale``
     (``e4m3(clamp(x / s, +-448)) * s`` through torch's saturating E4M3 cast, equal to quarl's E4M3 grid on
-    torch >= 2.13, FORMATS.md §3, with an identity gradient). MXFP4 inputs are dynamic by definition.
+    torch >= 2.13, with an identity gradient). MXFP4 inputs are dynamic by definition.
   - ``"dynamic"``: the per-tensor scale is recomputed from each input, as quarl's on-the-fly injection does; with it
     a checkpoint and ``attach(model, scheme.injection_spec())`` give the same logits bit for bit.
 

@@ -1,6 +1,6 @@
 """The compressed-tensors schemes quarl exports: what each stores on disk and its on-the-fly equivalent.
 
-Each :class:`CheckpointScheme` ties together (FORMATS.md §4c; compressed-tensors 0.20 ``quant_scheme.py``):
+Each :class:`CheckpointScheme` ties together (compressed-tensors 0.20 ``quant_scheme.py``):
 
 * the quarl format that produces the numbers (always the ``compressed_tensors`` profile where one exists);
 * the ``QuantizationArgs`` dicts written to ``config.json`` (exactly what compressed-tensors' own ``update_config``

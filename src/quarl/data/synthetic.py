@@ -9,7 +9,7 @@ only chosen when it is exact), so the ground truth is always an integer as in GS
 Why: the embedded testbed model (``quarl.models.testbed``) must be trainable from scratch on 2 CPU cores in minutes
 yet behave like a real reasoning model under quantization: an answer is only right when every intermediate
 product is right, so accuracy falls with the number of steps and with the precision of the arithmetic - the place
-where 4-bit error bites (FIELD_NOTES: W4A4 errors concentrate on the longest chains).
+where 4-bit error bites (W4A4 errors concentrate on the longest chains).
 
 Difficulty and vocabulary are controlled by :class:`SyntheticConfig` (steps, operand sizes, allowed operations,
 how many names and items the stories draw from).

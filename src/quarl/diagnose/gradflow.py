@@ -1,7 +1,7 @@
 """Gradient-flow check: back-propagate through the injected model and list where the gradient died.
 
 Why. W4A4 runs stayed at 7-10% GSM8K for weeks because activation fake-quant ran without a straight-through
-estimator (FIELD_NOTES §2 item 1): the loss went down through the residual stream, nothing crashed, and the
+estimator: the loss went down through the residual stream, nothing crashed, and the
 projections behind each quantized input simply stopped learning. This check finds that in one CPU backward:
 
 - the output of the input embedding is replaced by a leaf that requires grad, so every activation downstream is

@@ -18,7 +18,7 @@ default scorer reproduces ``volcengine/verl: verl/utils/reward_score/gsm8k.py`` 
   else ``format_score`` (0.0). So ``72.0`` vs ``72`` is wrong, and so is ``072``. :func:`compute_score` keeps verl's
   signature and return values exactly; :func:`score` is the same rule for any :class:`Scorer`, returning floats.
 
-The strict scorer also measures *format compliance* (FIELD_NOTES §2 item 8: a step-0 accuracy of ~8% that was the
+The strict scorer also measures *format compliance* (a step-0 accuracy of ~8% that was the
 same for BF16 measured whether the model wrote ``####``, not quantization damage). The harness therefore reports
 strict and flexible accuracy side by side, plus the fraction of completions with an extractable strict answer.
 
@@ -26,7 +26,7 @@ strict and flexible accuracy side by side, plus the fraction of completions with
 ``decimal.Decimal`` (``72`` == ``72.0`` == ``72.00``). It is never the default; use it to ask "is the model right",
 not to reproduce verl numbers. Model text is never ``eval``-ed anywhere.
 
-Training rewards (:func:`gsm8k_reward`) call the same :func:`score` as evaluation (STYLE §3.8, nanochat
+Training rewards (:func:`gsm8k_reward`) call the same :func:`score` as evaluation (as nanochat's
 ``tasks/gsm8k.py``: ``reward()`` reuses ``evaluate()``), so training and evaluation can never disagree.
 
 References: verl ``verl/utils/reward_score/gsm8k.py``; ReFT (Trung et al., ACL 2024), which verl cites;

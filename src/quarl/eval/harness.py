@@ -20,10 +20,9 @@ float reduction order), which ``tests/eval/test_harness.py`` checks token-for-to
 Quantization: with a spec, the model is wrapped by ``quarl.inject.attach`` for the duration of generation and the
 ``rollout`` phase (or ``EvalConfig.phase``) is entered; afterwards the injector's telemetry — not the config — is
 recorded as the quantization applied, and if its hooks never fired the evaluation raises instead of reporting
-unquantized accuracy as quantized (FIELD_NOTES §2 item 6). All model perturbations enter through one context
-manager, :func:`_perturbations`; AQN (a later issue) becomes one more field of :class:`EvalConfig` (e.g.
-``noise: bool = False``, i.e. AQN off by default, as it must be at evaluation) handled there, so call sites of
-:func:`run_eval` do not change.
+unquantized accuracy as quantized (an evaluation that silently ran without its quantization is a known failure of
+hand-rolled setups). All model perturbations enter through one context manager, :func:`_perturbations`, so a new one
+(e.g. noise) is one more field of :class:`EvalConfig` handled there and call sites of :func:`run_eval` do not change.
 """
 
 from __future__ import annotations

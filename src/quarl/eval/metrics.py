@@ -9,7 +9,8 @@ Definitions, for ``P`` problems with ``k`` sampled completions each and per-comp
 - ``maj@k`` = fraction of problems whose majority-vote answer is correct. The vote is verl's ``calc_maj_val``: votes
   are the extracted answers (no answer votes as ``""``), the most frequent wins, ties go to the answer seen first.
 
-Confidence intervals (FIELD_NOTES §2 item 10: identical configs spread 53-70% between runs, with no CI anywhere):
+Confidence intervals (identical RL configs have been seen to spread 53-70% between runs, so a number without one
+says little):
 a per-problem *binary* quantity (mean@1, best@k, maj@k, the k = 1 format rate) gets the Wilson score interval
 (Wilson 1927; Brown, Cai & DasGupta 2001 recommend it over the Wald interval for small n or extreme p); a per-problem
 *fraction* (mean@k, k > 1) gets a percentile bootstrap over problems (problems are the independent units; the k

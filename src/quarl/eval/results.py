@@ -1,7 +1,7 @@
 """Evaluation records and result files: per-sample JSONL and a summary JSON.
 
-Why: FIELD_NOTES §2 items 6 and 10 — evaluations claimed quantization they did not run and logs were overwritten or
-lost. A quarl evaluation therefore leaves behind, in its output directory,
+Why: in hand-rolled setups evaluations claimed quantization they did not run, and logs were overwritten or lost. A quarl
+evaluation therefore leaves behind, in its output directory,
 
 - ``samples.jsonl``: one row per completion (problem id, prompt, completion, extracted answers under each scorer,
   correctness under each scorer, the reward, token count, whether it stopped on EOS);
@@ -149,7 +149,7 @@ def verl_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def environment() -> dict[str, Any]:
-    """Versions, git SHA (+ dirty flag), host and device, for the run header (STYLE §4 reproducibility)."""
+    """Versions, git SHA (+ dirty flag), host and device, for the run header (what reproducing the run needs)."""
     import tokenizers
     import torch
     import transformers

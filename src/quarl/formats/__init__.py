@@ -70,8 +70,8 @@ Codes: ``QuantizedTensor.codes`` are unpacked uint8 (one per element): sign|expo
 two's complement for integers, the level index for NF4. ``pack_fp4`` packs 4-bit codes two per byte, the even element
 in the low nibble (compressed-tensors / torchao layout).
 
-Each difference between the references (FORMATS.md §6) is reproduced by a profile or option, or documented as not
-reproduced in ``mx.py`` / ``nvfp4.py`` / ``scaled.py``.
+Each difference between the references (listed in docs/formats.md) is reproduced by a profile or option, or documented
+as not reproduced in ``mx.py`` / ``nvfp4.py`` / ``scaled.py``.
 
 Speed: MX and NVFP4 ``fake_quantize`` run a native C kernel (``native.py``; built once per machine in ~1 s, eager
 fallback without a compiler), other formats the compiled path for large CPU tensors (``fast.py``), else eager; all

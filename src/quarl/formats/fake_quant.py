@@ -1,7 +1,7 @@
 """``fake_quantize``: quantize-dequantize in the input dtype, with ONE straight-through-estimator autograd.Function.
 
-Why: training through emulated low-bit numerics needs a gradient; FIELD_NOTES §2 item 1 (W4A4 runs stuck at 7-10%
-because activation fake-quant ran under ``no_grad`` without an STE). The forward is exactly
+Why: training through emulated low-bit numerics needs a gradient. Hand-rolled W4A4 RL runs stayed at 7-10% GSM8K
+because activation fake-quant ran under ``no_grad`` without an STE (docs/failure-modes.md). The forward is exactly
 ``dequantize(quantize(x))`` (bit for bit, fp32 compute, result in ``x.dtype``); the backward is
 
 * ``ste="identity"``: ``dL/dx = dL/dy``;

@@ -1,7 +1,7 @@
 """Compiled fast path for ``fake_quantize``: the eager numerics, fused by ``torch.compile`` (Inductor).
 
 Why: eager fake quantization makes ~20 passes over memory; on a 4096x4096 fp32 CPU tensor the references take 15-19x
-a ``clone()``. Compiling the very same eager function fuses it into a few loops (issue 2 part D: target <= 3x a clone).
+a ``clone()``. Compiling the very same eager function fuses it into a few loops (target: <= 3x a clone).
 
 Contract: bit-identical to ``fake_quantize_eager`` (tests/formats/test_fast.py compares with ``torch.equal`` and
 NaN positions, including ties, zeros, saturation and non-finite blocks). Inductor does not reassociate or contract

@@ -1,7 +1,7 @@
 """16-wide random Hadamard transform (RHT), the pre-rotation of TransformerEngine's NVFP4 recipe.
 
 Why: rotating each 16-element tile by an orthonormal matrix spreads outliers across the tile before block scaling
-(arXiv 2509.25149; TE ``NVFP4BlockScaling``, FORMATS.md §4b).
+(arXiv 2509.25149; TE ``NVFP4BlockScaling``).
 
 Math: ``R = diag(signs) @ H16 / 4`` with ``H16`` the Sylvester Hadamard matrix (entries +-1, ``H H^T = 16 I``), so
 ``R R^T = I`` and every entry of ``R`` is +-1/4 (exact in fp32). A tensor is rotated along ``axis`` tile by tile:

@@ -2,29 +2,30 @@
 
 Formats: mxfp4 (E2M1), mxfp6_e2m3, mxfp6_e3m2, mxfp8_e4m3, mxfp8_e5m2, mxint8 (k/64, k in [-127, 127]).
 
-Math (OCP MX v1.0 §6.3, FORMATS.md §2-§3), per block of ``block_size`` elements along ``axis``:
+Math (OCP MX v1.0 §6.3; microxcaling's and torchao's MX paths), per block of ``block_size`` elements along ``axis``:
 
 1. ``amax = max |x|`` (fp32).
 2. Unbiased scale exponent ``s`` from the fp32 *bits* of ``amax`` per :class:`ScaleMode` (never ``log2``, which is not
-   exact near powers of two, FORMATS.md §6 #3), clamped to [-127, 127]; stored biased as the E8M0 byte ``s + 127``.
-   All-zero blocks get ``s = -127`` (byte 0, scale 2^-127), as in microxcaling and torchao.
+   exact near powers of two: float32 ``log2(nextbelow(8.0))`` rounds to 3.0), clamped to [-127, 127]; stored biased as
+   the E8M0 byte ``s + 127``. All-zero blocks get ``s = -127`` (byte 0, scale 2^-127), as in microxcaling and torchao.
 3. ``a = x * 2^-s``; ``2^-s`` is built exactly from bits, so this equals torchao main's ``data * reciprocal(2^s)`` and
-   compressed-tensors' ``x / 2^s``. 2^-127 is the fp32 subnormal 0x00400000, never 2^-126 (FORMATS.md §6 #4).
+   compressed-tensors' ``x / 2^s``. 2^-127 is the fp32 subnormal 0x00400000, never 2^-126 (torchao 0.18's clamp).
 4. Element rounding (``rounding``): RNE by default; saturating to +-max_normal.
 5. Dequantization: ``value * 2^s`` (exact).
 
 Policies:
 * Non-finite input: NaN or +-Inf anywhere in a block gives the E8M0 NaN byte 255, so the whole block dequantizes to
   NaN (OCP §5.2, torchao main, microxcaling). Other blocks are unaffected. Deliberately not reproduced: torchao 0.18's
-  byte 253 for Inf (FORMATS.md §6 #5).
+  byte 253 for Inf.
 * ``-0.0`` keeps its sign (code with the sign bit set, value ``-0.0``), as torchao; microxcaling / compressed-tensors
-  return ``+0.0`` there (equal under ``==``; FORMATS.md §6 #10).
+  return ``+0.0`` there (equal under ``==``).
 * ``profile="compressed_tensors"`` reproduces compressed-tensors 0.20 ``generate_mx_scales``: EVEN rounding of amax with a
   fixed mantissa width (1 for mxfp4/mxfp8_e4m3, 3 for mxfp6_e2m3), so CT's MXFP8 differs from torchao EVEN
-  (FORMATS.md §6 #9). CT's NaN handling (an undefined uint8 cast) is not reproduced: the NaN policy above applies.
+  (threshold 1.75 vs 1.9375 for E4M3). CT's NaN handling (an undefined uint8 cast) is not reproduced: the NaN policy
+  above applies.
 * Not reproduced: microxcaling's float32 ``log2`` exponent (its python path; its C++ kernels take bits, as we do) and
   its half-away default (available as ``rounding="half_away"``); torchao 0.18 RCEIL via ``log2`` and its 2^-126
-  clamp (FORMATS.md §6 #3, #4).
+  clamp (docs/formats.md lists every difference between the references).
 """
 
 from __future__ import annotations

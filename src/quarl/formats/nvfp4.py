@@ -1,7 +1,8 @@
 """NVFP4: E2M1 elements, one E4M3 scale per 16 elements, times one fp32 per-tensor scale.
 
-Math (FORMATS.md §4). ``T = amax(|x|)`` over the tensor, ``b = amax(|x|)`` over a block, ``e4m3()`` = RNE onto the
-E4M3 grid, saturating (computed with :func:`round_to_float_grid`, equal to ``.to(torch.float8_e4m3fn)`` on torch 2.13):
+Math (the three references' NVFP4 recipes). ``T = amax(|x|)`` over the tensor, ``b = amax(|x|)`` over a block,
+``e4m3()`` = RNE onto the E4M3 grid, saturating (computed with :func:`round_to_float_grid`, equal to
+``.to(torch.float8_e4m3fn)`` on torch 2.13):
 
 * ``compressed_tensors`` (default; what llm-compressor writes and vLLM serves; CT 0.20 ``generate_gparam``,
   ``calculate_qparams``, ``_quantize_dequantize``)::
@@ -23,6 +24,20 @@ E4M3 grid, saturating (computed with :func:`round_to_float_grid`, equal to ``.to
       enc = min(1 / (s8 * S_dec), FLT_MAX);  q = e2m1(x * enc);  y = q * ((s8 * T) * fp32(1/2688))
       stored global_scale = T (TE keeps the amax)
 
+* ``vllm`` (vLLM's emulation reference ``ref_nvfp4_quant`` / ``ref_nvfp4_quant_dequant``, CPU path; ``gs`` is the
+  compressed_tensors encode factor above, i.e. the ``input_global_scale`` a checkpoint stores)::
+
+      s8  = e4m3(clamp(gs * (b * fp32(1/6)), +-448))                          # NO zero replacement
+      r(v) = reciprocal(v + 1e8 * [v == 0])                                   # vLLM get_reciprocal
+      q   = e2m1(clamp(x * r(s8 * r(gs)), +-6)), a zero result unsigned;   y = q * (s8 / gs)
+
+  It differs from ``compressed_tensors`` in three places (each shown by a test, docs/formats-vllm.md): ``b * fp32(1/6)``
+  vs ``b / 6`` (one ulp apart for ~1/3 of amaxes, which moves ``s8`` when it lands on an E4M3 rounding tie); the
+  element input ``x * r(s8 * r(gs))`` vs ``x / (s8 / gs)`` (a few ulps, which moves a code when it lands on an E2M1
+  tie); and a block whose scale rounds to E4M3 zero gives zeros (``x * 1e-8``) where compressed_tensors uses 0.125.
+  Its FP4 cast (``cast_to_fp4``) is RNE; it returns +0.0 for an input that is +-0.0 after scaling and -0.0 for a
+  negative one that rounds to zero, reproduced here.
+
 Options: ``block_2d=True`` takes ``b`` over 16x16 tiles of the last two dims (TE's weight recipe) and stores it for
 every row (TE's rowwise layout). ``hadamard=True`` rotates 16-wide tiles first (see ``hadamard.py``).
 Stochastic rounding (``rounding="stochastic"``) replaces ``e2m1()``'s RNE; TE's Philox stream is not reproduced.
@@ -30,7 +45,7 @@ Stochastic rounding (``rounding="stochastic"``) replaces ``e2m1()``'s RNE; TE's 
 Policies:
 * Zeros: a zero block gives ``q = 0``. An all-zero tensor gives 0 in ``compressed_tensors`` (gs -> 1, s8 0 -> 0.125)
   and ``transformer_engine`` (S_enc = 1), and **NaN** in ``torchao`` (pts = 0, 0/0), reproduced on purpose and
-  documented (FORMATS.md §6 #7, ``nv_all_zero_tensor``).
+  documented.
 * Non-finite input, ``nonfinite`` option (:class:`NonFinite`):
 
   - ``"reference"`` (default): ``T`` is the plain ``max |x|`` (NaN propagates, Inf stays Inf) and the profile's
@@ -53,9 +68,9 @@ Policies:
     quarl stores a NaN grid value as code 0 (``quantize``); the references' codes for NaN elements are arbitrary.
   - ``"block"``: ``T`` is taken over the finite elements only, and a block holding NaN/Inf gets the E4M3 NaN scale,
     so exactly that block dequantizes to NaN (quarl's uniform block-local policy, also used by MX).
-* ``-0.0`` keeps its sign (FORMATS.md §6 #10; CT's and TE's FP4 casts return +0).
+* ``-0.0`` keeps its sign (CT's and TE's FP4 casts return +0).
 * The three dequant product orders (``s8/gs``, ``pts*s8``, ``(s8*T)/2688``) differ by up to 1 ulp and are each
-  reproduced by their profile (FORMATS.md §6 #8).
+  reproduced by their profile.
 """
 
 from __future__ import annotations
@@ -63,7 +78,7 @@ from __future__ import annotations
 import torch
 
 from .blocking import BlockQuant
-from .registry import NonFinite, Profile, QFormat
+from .registry import NonFinite, Profile, QFormat, TensorScale
 from .rounding import round_elem, round_to_float_grid
 from .spec import E2M1, E4M3
 
@@ -71,6 +86,9 @@ _FP32_TINY = torch.finfo(torch.float32).tiny
 _FP32_MAX = torch.finfo(torch.float32).max
 _E4M3_TINY = 2.0**-6  # torchao E4M3_EPS = finfo(float8_e4m3fn).tiny
 _RANGE = E4M3.max_normal * E2M1.max_normal  # 2688
+# vLLM multiplies by FLOAT4_E2M1_MAX_RECIPROCAL, a Python float: torch applies it to an fp32 tensor as fp32(1/6),
+# which is not the same as dividing by 6 (one ulp apart for about a third of the amaxes)
+_SIXTH = torch.tensor(1.0 / 6.0, dtype=torch.float32)
 
 
 def tensor_amax(x: torch.Tensor, finite_only: bool = True) -> torch.Tensor:
@@ -88,6 +106,35 @@ def tensor_amax(x: torch.Tensor, finite_only: bool = True) -> torch.Tensor:
     if finite_only and not bool(torch.isfinite(a)):
         a = torch.where(torch.isfinite(x), x.abs(), 0.0).amax().to(torch.float32)
     return a.reshape(1)
+
+
+def row_amax(xb: torch.Tensor, finite_only: bool = True) -> torch.Tensor:
+    """fp32 ``max |x|`` per row of blocks ``(..., n_blocks, block)`` -> ``(..., 1, 1)`` (the per-token global amax).
+
+    ``finite_only`` as in :func:`tensor_amax` (padding zeros never change a row's amax).
+    """
+    a = xb.abs()
+    if finite_only:
+        a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+    return a.amax(dim=(-2, -1), keepdim=True).to(torch.float32)
+
+
+def _global_amax(xb: torch.Tensor, fmt: QFormat, global_amax: torch.Tensor | None) -> torch.Tensor:
+    """``T`` per the format's ``tensor_scale``: the tensor's own amax, the static one given, or one per row."""
+    block_local = fmt.nonfinite is NonFinite.BLOCK
+    if fmt.tensor_scale is TensorScale.PER_TOKEN:
+        if global_amax is not None:
+            raise ValueError("tensor_scale='per_token' computes one global scale per row; a static global_amax "
+                             "cannot be combined with it")
+        return row_amax(xb, block_local)
+    if global_amax is None:
+        if fmt.tensor_scale is TensorScale.STATIC:
+            raise ValueError("tensor_scale='static' needs a calibrated global_amax (none was given); quarl never "
+                             "falls back to a dynamic scale")
+        return tensor_amax(xb, block_local)
+    if global_amax.numel() != 1:
+        raise ValueError(f"global_amax must hold one value (a per-tensor amax), got shape {tuple(global_amax.shape)}")
+    return global_amax.to(torch.float32).reshape(1)
 
 
 def _block_amax(xb: torch.Tensor, fmt: QFormat) -> torch.Tensor:
@@ -127,6 +174,17 @@ def _scales_torchao(b: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, tor
     return s8, pts
 
 
+def _scales_vllm(b: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gs = torch.nan_to_num(T.clamp(min=_FP32_TINY).reciprocal() * _RANGE, nan=1.0, posinf=1.0, neginf=1.0)
+    s8 = _e4m3((gs * (b * _SIXTH.to(b.device))).clamp(-E4M3.max_normal, E4M3.max_normal))
+    return s8, gs
+
+
+def _vllm_reciprocal(v: torch.Tensor) -> torch.Tensor:
+    """vLLM ``get_reciprocal``: ``1 / (v + 1e8 * [v == 0])`` (a zero maps to fp32(1e-8), never to Inf)."""
+    return (v + (v == 0) * 1e8).reciprocal()
+
+
 def _te_senc(T: torch.Tensor) -> torch.Tensor:
     # TE divides (fp8_max * fp4_max / global_amax); `2688.0 / T` would be `T.reciprocal() * 2688` in torch
     # (Tensor.__rdiv__), 1 ulp off for ~30% of amaxes, which can move a block scale (72 vs 80, see the TE xcheck)
@@ -144,7 +202,7 @@ def dequant_scale(scales: torch.Tensor, global_scale: torch.Tensor, fmt: QFormat
     """fp32 per-block multiplier from stored E4M3 scales and the stored per-tensor scale (profile's product order)."""
     s8 = scales.to(torch.float32)
     g = global_scale.to(torch.float32)
-    if fmt.profile is Profile.COMPRESSED_TENSORS:
+    if fmt.profile in (Profile.COMPRESSED_TENSORS, Profile.VLLM):
         return s8 / g
     if fmt.profile is Profile.TORCHAO:
         return g * s8
@@ -157,6 +215,8 @@ def _element_input(xb: torch.Tensor, s8: torch.Tensor, g: torch.Tensor, fmt: QFo
         return xb / (s8 / g)
     if fmt.profile is Profile.TORCHAO:
         return xb * (g.reciprocal() / s8)
+    if fmt.profile is Profile.VLLM:
+        return xb * _vllm_reciprocal(s8 * _vllm_reciprocal(g))
     s_dec = torch.ones_like(g) / _te_senc(g)
     enc = (torch.ones_like(s8) / (s8 * s_dec)).clamp(max=_FP32_MAX)
     return xb * enc
@@ -171,17 +231,24 @@ def quantize_blocks(
         xb: fp32 blocks.
         fmt: an NVFP4 format.
         noise: U[0,1) samples for stochastic rounding, else None.
-        global_amax: per-tensor amax to use instead of the tensor's own (a static, calibrated scale); shape ``(1,)``.
+        global_amax: per-tensor amax to use instead of the tensor's own (a static, calibrated scale); shape ``(1,)``;
+            required with ``tensor_scale="static"``, refused with ``"per_token"``.
+
+    Returns:
+        BlockQuant; ``global_scale`` is ``(1,)``, or ``(..., 1, 1)`` (one per row) with ``tensor_scale="per_token"``.
     """
     block_local = fmt.nonfinite is NonFinite.BLOCK
-    T = tensor_amax(xb, block_local) if global_amax is None else global_amax.to(torch.float32).reshape(1)
+    T = _global_amax(xb, fmt, global_amax)
     b = _block_amax(xb, fmt)
     scale_fn = {Profile.COMPRESSED_TENSORS: _scales_ct, Profile.TORCHAO: _scales_torchao,
-                Profile.TRANSFORMER_ENGINE: _scales_te}[fmt.profile]
+                Profile.TRANSFORMER_ENGINE: _scales_te, Profile.VLLM: _scales_vllm}[fmt.profile]
     s8, g = scale_fn(b, T)
     if block_local:
         s8 = _poison(s8, b)
-    values = round_elem(_element_input(xb, s8, g, fmt), E2M1, fmt.rounding, noise)
+    v = _element_input(xb, s8, g, fmt)
+    values = round_elem(v, E2M1, fmt.rounding, noise)
+    if fmt.profile is Profile.VLLM:  # cast_to_fp4 returns |q| * sign(v): sign(+-0.0) = 0 gives +0.0
+        values = torch.where(v == 0, torch.zeros_like(values), values)
     dq = dequant_scale(s8, g, fmt)
     if not block_local:  # NaN multipliers as the positive quiet NaN: the sign of a propagated NaN is backend noise
         dq = torch.where(torch.isnan(dq), torch.full_like(dq, float("nan")), dq)

@@ -1,8 +1,8 @@
 """FP4 packing: two 4-bit codes per byte, the even element in the low nibble.
 
 This is the compressed-tensors ``pack_fp4_to_uint8`` / torchao ``pack_uint4`` / TE ``cast_to_fp4x2`` layout
-(``byte = code[2i] | code[2i+1] << 4``, FORMATS.md §1). bitsandbytes NF4 uses the opposite nibble order; quarl packs
-every 4-bit code (E2M1, INT4, NF4) this one way.
+(``byte = code[2i] | code[2i+1] << 4``: torchao ``pack_uint4``, compressed-tensors ``pack_fp4_to_uint8``). bitsandbytes
+NF4 uses the opposite nibble order; quarl packs every 4-bit code (E2M1, INT4, NF4) this one way.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Format names, option enums and the validated, frozen :class:`QFormat` returned by :func:`get_format`.
 
 Why: the format is chosen by name in YAML/CLI (``"nvfp4"``), but the numerics must never branch on free strings
-(STYLE §3.3). ``get_format`` turns a name plus options into a frozen dataclass of enums and rejects anything unknown
-with the list of valid choices (FIELD_NOTES §2: silently ignored options are how experiments lie).
+(modes are enums, never bare strings). ``get_format`` turns a name plus options into a frozen dataclass of enums and
+rejects anything unknown with the list of valid choices: a silently ignored option makes an experiment report a setting
+it never ran.
 
 Every enum member's docstring gives its formula; the per-family math lives in ``mx.py``, ``nvfp4.py``, ``scaled.py``.
 """
@@ -35,8 +36,8 @@ class Family(str, Enum):
 class ScaleMode(str, Enum):
     """MX shared-scale rule from the block ``amax`` (``P`` = emax of the element grid, ``be``/``m`` = fp32 bits).
 
-    All are computed from fp32 bits, never ``log2`` (FORMATS.md §3, §9); the unbiased exponent is clamped to
-    [-127, 127] and stored biased by 127.
+    All are computed from fp32 bits, never ``log2`` (float32 ``log2`` is not exact near powers of two); the unbiased
+    exponent is clamped to [-127, 127] and stored biased by 127.
     """
 
     FLOOR = "floor"
@@ -45,14 +46,14 @@ class ScaleMode(str, Enum):
     """``s = be - 127 + (m != 0) - P`` (torchao CEIL)."""
     EVEN = "even"
     """``amax_bits += 1 << (22 - mbits)``, mantissa masked off, then FLOOR (torchao EVEN; compressed-tensors with its
-    fixed mantissa width when ``profile="compressed_tensors"``, FORMATS.md §4c)."""
+    fixed mantissa width when ``profile="compressed_tensors"``)."""
     RCEIL = "rceil"
     """``s = ceil(log2(amax * (1 / max_normal)))`` taken from bits: exponent + 1 if any mantissa bit is set, fp32
     subnormals exact (<= 2^-127 -> byte 0, else byte 1) (torchao main ``_f32_to_e8m0_rceil``, PTX ``cvt.rp.ue8m0``)."""
 
 
 class Profile(str, Enum):
-    """Which reference a format reproduces where the references disagree (FORMATS.md §6)."""
+    """Which reference a format reproduces where the references disagree (docs/formats.md)."""
 
     OCP = "ocp"
     """MX per the OCP spec as torchao main implements it (default for MX)."""
@@ -64,6 +65,29 @@ class Profile(str, Enum):
     """TransformerEngine NVFP4BlockScaling, transcribed from its reference (NVFP4 only; not run here)."""
     BITSANDBYTES = "bitsandbytes"
     """bitsandbytes NF4 (NF4 only)."""
+    VLLM = "vllm"
+    """vLLM's NVFP4 emulation reference (``ref_nvfp4_quant_dequant``, its CPU path), with the per-tensor scale that
+    compressed-tensors stores as ``input_global_scale`` (NVFP4 only; differences from ``compressed_tensors`` are
+    listed in ``nvfp4.py`` and docs/formats-vllm.md)."""
+
+
+class TensorScale(str, Enum):
+    """Where the per-tensor scale of an activation comes from (NVFP4's fp32 global scale; FP8's per-tensor scale).
+
+    ``T`` below is the amax that the format's per-tensor formula turns into its scale (NVFP4 compressed_tensors:
+    ``gs = 2688 / T``; FP8: ``scale = T / 448``).
+    """
+
+    DYNAMIC = "dynamic"
+    """``T = amax|x|`` over the whole tensor at every call (quarl's default; what a dynamic-activation kernel does)."""
+    STATIC = "static"
+    """``T`` is a calibrated constant passed as ``global_amax=`` (compressed-tensors' ``input_global_scale`` /
+    ``input_scale``, vLLM's W4A4 kernels); calling without one raises ``ValueError`` (never a silent dynamic scale).
+    FP8: needs ``granularity="per_tensor"``."""
+    PER_TOKEN = "per_token"
+    """NVFP4 only: one fp32 global scale per row, ``T_r = amax|x_r|`` over the block axis (every other index fixed),
+    through the profile's own per-tensor formula; ``QuantizedTensor.global_scale`` then holds one value per row.
+    (FP8 per-token scaling is ``granularity="per_token"``.)"""
 
 
 class NonFinite(str, Enum):
@@ -105,7 +129,7 @@ class SteMode(str, Enum):
     """``dL/dx = dL/dy * [|x| <= max_elem * block_scale]``: zero where the value saturated."""
 
 
-# TransformerEngine get_wgrad_sign_vector() (FORMATS.md §4b).
+# TransformerEngine get_wgrad_sign_vector(): the fixed sign vector of its 16-wide random Hadamard transform.
 TE_HADAMARD_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
 
 
@@ -127,6 +151,7 @@ class QFormat:
     hadamard_signs: tuple[int, ...] = TE_HADAMARD_SIGNS
     block_2d: bool = False  # NVFP4: one scale per 16x16 tile of the last two dims (TE weight recipe)
     nonfinite: NonFinite = NonFinite.BLOCK  # NVFP4: REFERENCE (its default) or BLOCK; other families: block-local
+    tensor_scale: TensorScale = TensorScale.DYNAMIC  # NVFP4 global scale / FP8 per-tensor scale: dynamic|static|per_token
 
     @property
     def elem_max(self) -> float:
@@ -137,13 +162,14 @@ class QFormat:
 _FAMILY_OPTIONS = {
     Family.MX: {"block_size", "axis", "scale_mode", "rounding", "profile", "seed", "hadamard", "hadamard_signs"},
     Family.NVFP4: {"block_size", "axis", "rounding", "profile", "seed", "hadamard", "hadamard_signs", "block_2d",
-                   "nonfinite"},
-    Family.SCALED: {"granularity", "group_size", "axis", "rounding", "seed", "profile", "hadamard", "hadamard_signs"},
+                   "nonfinite", "tensor_scale"},
+    Family.SCALED: {"granularity", "group_size", "axis", "rounding", "seed", "profile", "hadamard", "hadamard_signs",
+                    "tensor_scale"},
     Family.NF4: {"block_size", "axis", "profile"},
 }
 _FAMILY_PROFILES = {
     Family.MX: (Profile.OCP, Profile.COMPRESSED_TENSORS),
-    Family.NVFP4: (Profile.COMPRESSED_TENSORS, Profile.TORCHAO, Profile.TRANSFORMER_ENGINE),
+    Family.NVFP4: (Profile.COMPRESSED_TENSORS, Profile.TORCHAO, Profile.TRANSFORMER_ENGINE, Profile.VLLM),
     Family.SCALED: (Profile.COMPRESSED_TENSORS,),
     Family.NF4: (Profile.BITSANDBYTES,),
 }
@@ -223,7 +249,7 @@ def _apply_option(fmt: QFormat, key: str, value: Any) -> QFormat:
     if key == "hadamard_signs":
         return replace(fmt, hadamard_signs=_signs(value))
     enums = {"scale_mode": ScaleMode, "rounding": RoundingMode, "profile": Profile, "granularity": Granularity,
-             "nonfinite": NonFinite}
+             "nonfinite": NonFinite, "tensor_scale": TensorScale}
     return replace(fmt, **{key: _choice(enums[key], value, key)})
 
 
@@ -248,6 +274,15 @@ def _check_consistency(fmt: QFormat, options: dict[str, Any]) -> QFormat:
             fmt = replace(fmt, block_size=0)
     if fmt.block_2d and fmt.block_size != 16:
         raise ValueError("block_2d (16x16 tiles) needs block_size=16")
+    if fmt.tensor_scale is TensorScale.PER_TOKEN and fmt.family is not Family.NVFP4:
+        raise ValueError("tensor_scale='per_token' is NVFP4's per-row global scale; FP8 / INT scale per token with "
+                         "granularity='per_token'")
+    if fmt.tensor_scale is TensorScale.PER_TOKEN and fmt.block_2d:
+        raise ValueError("tensor_scale='per_token' (one global scale per row) cannot combine with block_2d tiles")
+    if (fmt.tensor_scale is TensorScale.STATIC and fmt.family is Family.SCALED
+            and fmt.granularity is not Granularity.PER_TENSOR):
+        raise ValueError(f"tensor_scale='static' is one calibrated per-tensor scale: it needs granularity="
+                         f"'per_tensor', got {fmt.granularity.value!r}")
     return fmt
 
 

@@ -1,17 +1,17 @@
 """Rounding of fp32 values onto an element grid (FloatSpec / IntSpec), bit-exact and saturating.
 
-Why: the element cast is where references disagree (FORMATS.md §6 #1: microxcaling's "nearest" rounds half *away*
+Why: the element cast is where references disagree (microxcaling's "nearest" rounds half *away*
 from zero, everyone else rounds half to even). One function, one enum, no ambiguous "nearest".
 
 Math (float grids): for ``a = min(|v|, max_normal)`` take the exponent from the fp32 bits,
-``e = max(floor(log2 a), emin)`` (never ``torch.log2``: FORMATS.md §6 #3), then ``a * 2^(mbits-e)`` is an exact
-fp32 number whose integer part indexes the grid step ``2^(e-mbits)``. Rounding it to an integer ``r`` and scaling back,
-``r * 2^(e-mbits)``, is exact (powers of two, no overflow). A carry (``r == 2^(mbits+1)``) lands on the next binade's
-first value, which is on the grid. Saturation: magnitudes ``>= max_normal`` (including +-Inf) become ``max_normal``
-("satfinite", as the OCP MX spec, torchao ``_f32_to_floatx_unpacked`` and PTX ``cvt.rn.satfinite``); NaN stays NaN.
-The sign is re-applied with ``copysign``, so ``-0.0`` and tiny negatives that round to zero give ``-0.0``.
+``e = max(floor(log2 a), emin)`` (never ``torch.log2``, which is not exact near powers of two), then ``a * 2^(mbits-e)``
+is an exact fp32 number whose integer part indexes the grid step ``2^(e-mbits)``. Rounding it to an integer ``r`` and
+scaling back, ``r * 2^(e-mbits)``, is exact (powers of two, no overflow). A carry (``r == 2^(mbits+1)``) lands on the
+next binade's first value, which is on the grid. Saturation: magnitudes ``>= max_normal`` (including +-Inf) become
+``max_normal`` ("satfinite", as the OCP MX spec, torchao ``_f32_to_floatx_unpacked`` and PTX ``cvt.rn.satfinite``); NaN
+stays NaN. The sign is re-applied with ``copysign``, so ``-0.0`` and tiny negatives that round to zero give ``-0.0``.
 No native float8 cast is used, so results do not depend on the torch version (eager ``.to(torch.float8_e4m3fn)``
-saturates only since torch 2.13, FORMATS.md §6 #11); tests/formats/test_codes.py checks equality with the native
+saturates only since torch 2.13); tests/formats/test_codes.py checks equality with the native
 casts on this torch.
 
 Integer grids: ``r = round(v / step)`` clamped to ``[qmin, qmax]`` (compressed-tensors ``round_to_quantized_type_args``);

@@ -8,18 +8,20 @@ Math, per scale group (the whole tensor, a row/token, or ``group_size`` elements
       q = fp8(clamp(x / scale, +-max_normal));   y = q * scale
 
   compressed-tensors has no E5M2 scheme; ``fp8_e5m2`` applies the same formula with the E5M2 grid.
-* INT symmetric (compressed-tensors; FORMATS.md §5)::
+* INT symmetric (compressed-tensors 0.20 ``calculate_qparams``)::
 
       scale = m / ((qmax - qmin) / 2)   (127.5 for int8, 7.5 for int4);   scale == 0 -> 2^-23
       q = round_half_even(clamp(x / scale, qmin, qmax));   y = q * scale
 
   so ``+m`` maps to 127 (or 7), never to 127.5.
-* NF4 (bitsandbytes 0.50.2 ``quantize_4bit``, blocksize 64, FORMATS.md §5)::
+* NF4 (bitsandbytes 0.50.2 ``quantize_4bit``, blocksize 64)::
 
       n = clamp(x * reciprocal(m), -1, 1);   code = bucketize(n, midpoints)  # a tie goes to the LOWER level
       y = NF4_LEVELS[code] * m
 
   An all-zero block (``m = 0``) would give 0 * inf = NaN there; quarl maps it to code 7 (0.0) and ``m = 0``.
+
+Static per-tensor scale (``tensor_scale="static"``): ``m`` is the calibrated ``global_amax`` instead of the tensor's.
 
 Policies: a group holding NaN/Inf gets a NaN scale and dequantizes to NaN (other groups unaffected); ``-0.0`` keeps
 its sign in FP8/INT (INT's integer 0 has no sign: the value is ``+-0.0`` by ``copysign`` but the code is 0);
@@ -54,10 +56,18 @@ def dequant_scale(scales: torch.Tensor, global_scale: torch.Tensor | None, fmt: 
     return scales.to(torch.float32)
 
 
-def quantize_blocks(xb: torch.Tensor, fmt: QFormat, noise: torch.Tensor | None) -> BlockQuant:
-    """Quantize fp32 groups ``(..., n_groups, group)`` to FP8 / INT (see the module docstring)."""
+def quantize_blocks(xb: torch.Tensor, fmt: QFormat, noise: torch.Tensor | None,
+                    global_amax: torch.Tensor | None = None) -> BlockQuant:
+    """Quantize fp32 groups ``(..., n_groups, group)`` to FP8 / INT (see the module docstring).
+
+    ``global_amax`` (per-tensor granularity only): a static, calibrated ``m`` instead of the tensor's own; the scale
+    formula is unchanged (``m / max_normal``, 0 -> eps), so ``scale`` equals compressed-tensors' stored
+    ``input_scale``. Elements beyond ``m`` saturate to ``+-max_normal * scale``; a NaN / Inf in the tensor still makes
+    it all NaN (the tensor is the scale group).
+    """
     amax = xb.abs().amax(dim=-1, keepdim=True)
-    scale = amax / _half_range(fmt)
+    m = amax if global_amax is None else global_amax.to(torch.float32).reshape(1, 1, 1).expand_as(amax)
+    scale = m / _half_range(fmt)
     scale = torch.where(scale == 0, torch.full_like(scale, _FP32_EPS), scale)
     scale = _nan_if_nonfinite(scale, amax)
     values = round_elem(xb / scale, fmt.elem, fmt.rounding, noise)

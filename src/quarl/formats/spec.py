@@ -14,7 +14,7 @@ is NaN (no Inf), for E5M2 the IEEE rules apply (exponent all ones: Inf / NaN). F
 E8M0 is an 8-bit biased power-of-two exponent: byte ``b`` encodes ``2^(b - 127)``, byte 255 is NaN.
 NF4 is bitsandbytes' fixed 16-level table (``functional.get_4bit_type('nf4')``).
 
-References: OCP Microscaling Formats (MX) v1.0 §5.3; FORMATS.md §1; torchao ``prototype/mx_formats/constants.py``;
+References: OCP Microscaling Formats (MX) v1.0 §5.3; torchao ``prototype/mx_formats/constants.py``;
 microxcaling ``mx/formats.py::_get_format_params``; bitsandbytes ``functional.py``.
 """
 

@@ -14,7 +14,7 @@ of `quarl.formats.fake_quantize` (one autograd.Function, owned by formats); the 
 path use `pass_through`, whose forward returns an already-computed tensor and whose backward is the identity — it
 is the same estimator, applied to a value computed once (a cached weight) instead of recomputed in the graph.
 With ``use_ste=False`` the error is applied to ``x.detach()``: the gradient through the injected path is None.
-That reproduces the W4A4 failure (activation fake-quant under no_grad: GSM8K stuck at 7-10%, FIELD_NOTES §2 item 1)
+That reproduces the W4A4 failure (activation fake-quant under no_grad: GSM8K stuck at 7-10%)
 and exists only for that regression; `quarl.inject.attach` logs a loud warning.
 
 Seeding: each injected module gets its own generator seeded from ``crc32(f"{seed}:{fqn}")``, so the noise a module

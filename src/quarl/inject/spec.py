@@ -1,9 +1,9 @@
 """`InjectionSpec`: where, when and what kind of hardware error enters a model.
 
-One frozen dataclass describes an injection in the vocabulary users already know from the verl fork
-(FIELD_NOTES §1): ``error_type``, ``injection_point``, ``apply_during``, ``use_ste``, targets / excludes,
-``target_layers``, ``error_scale``, ``seed``. YAML is only its serialized form (`to_yaml` / `from_yaml`, strict via
-`quarl.configio`: an unknown key is an error naming the nearest valid key).
+One frozen dataclass describes an injection in the vocabulary users already know from
+hand-rolled verl error-injection forks: ``error_type``, ``injection_point``, ``apply_during``, ``use_ste``, targets /
+excludes, ``target_layers``, ``error_scale``, ``seed``. YAML is only its serialized form (`to_yaml` / `from_yaml`,
+strict via `quarl.configio`: an unknown key is an error naming the nearest valid key).
 
 Schemes (the names llm-compressor / vLLM users know) expand to explicit fields in ``__post_init__``:
 

@@ -1,16 +1,17 @@
 """Adaptive quantization noise (AQN, QeRL arXiv 2510.11696): seeded Gaussian noise on RMSNorm gains or linear weights.
 
-What QeRL does (FIELD_NOTES §3): after each weight sync, add N(0, sigma^2) -- one value per hidden channel, drawn in
-fp32 and cast -- in place to every RMSNorm gain of the *rollout* model; training log-probs use the clean norms. A
-noisy norm gain is row-wise multiplicative noise on the q/k/v (shared) and gate/up (shared) weights that follow it.
+What QeRL does (its paper, App. G, and ``trl_trainer``): after each weight sync, add N(0, sigma^2) -- one value per
+hidden channel, drawn in fp32 and cast -- in place to every RMSNorm gain of the *rollout* model; training log-probs use
+the clean norms. A noisy norm gain is row-wise multiplicative noise on the q/k/v (shared) and gate/up (shared) weights
+that follow it.
 
-quarl's version separates when / how much / where (STYLE §3.6):
+quarl's version separates when / how much / where:
 - when: `AQNConfig.apply_during` (rollout by default, as QeRL); the trainer enters `AQN.noised(step)` around
   generation only, and validation never sees noise unless asked for explicitly;
 - how much: sigma = `quarl.noise.sigma_at(step, total_steps, ...)`, a pure function of the optimizer step, times an
   optional per-layer multiplier; absolute (w + sigma*N) or relative (w + sigma*|w|*N);
 - where: module selection by class-name pattern (``*RMSNorm*`` matches HF's ``LlamaRMSNorm`` / ``Qwen2RMSNorm`` and
-  vLLM's ``RMSNorm``: the fork's ``isinstance(Qwen2RMSNorm)`` matched zero modules in vLLM, FIELD_NOTES §2 item 2),
+  vLLM's ``RMSNorm``: the fork's ``isinstance(Qwen2RMSNorm)`` matched zero modules in vLLM, silently),
   name regexes and block indices; LoRA adapters are never noised.
 
 Noise is resampled once per optimizer step: the generator of each module is seeded from (seed, step, module name),

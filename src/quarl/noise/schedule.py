@@ -4,7 +4,7 @@
 generation runs), and ``total_steps`` the planned number of steps. Four schedules:
 
     constant  sigma = sigma_start
-    qerl      QeRL's stagewise geometric decay (NVlabs/QeRL trl_trainer/noise_scheduler.py, FIELD_NOTES §3):
+    qerl      QeRL's stagewise geometric decay (NVlabs/QeRL trl_trainer/noise_scheduler.py):
               K = num_stages equal intervals, stage(step) = min(step * K // total_steps, K - 1);
               stage 0 -> sigma 0 (no noise while the run warms up), stage k >= 1 -> trend[k - 1] with
               trend[i] = sigma_start * (sigma_end / sigma_start) ** (i / (K - 2)),  i = 0 .. K - 2
@@ -13,8 +13,9 @@ generation runs), and ``total_steps`` the planned number of steps. Four schedule
     linear    sigma_start + (sigma_end - sigma_start) * t,            t = step / (total_steps - 1) clamped to [0, 1]
     cosine    sigma_end + (sigma_start - sigma_end) * (1 + cos(pi t)) / 2
 
-`check_schedule` is the setup-time guard against the silent failures of FIELD_NOTES §2 item 3 (a step counter never
-advanced, a schedule that is 0 on every step of the run).
+`check_schedule` is the setup-time guard against two silent AQN failures seen in hand-rolled trainers: a step counter
+never advanced (sigma stuck at 0), and a schedule that is 0 on every step of the run (an "epoch-aware" variant that
+always asked for step 0 of 1).
 """
 
 from __future__ import annotations
