@@ -5,6 +5,10 @@ import os
 import pytest
 import torch
 
+# Every cached quantized weight is checked bit for bit against its weight on every hit (quarl.inject.weights): a
+# stale cache raises StaleWeightCacheError anywhere in the suite instead of passing silently.
+os.environ.setdefault("QUARL_VERIFY_WEIGHT_CACHE", "1")
+
 if not torch.cuda.is_available():
     # Read by triton when it is first imported -- which torch / inductor may do long before tests/formats/test_gpu.py
     # is collected, so it must be set here, at the root. Inductor's CPU backend does not use triton.

@@ -35,18 +35,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quarl.inject.activations import inject_input, inject_output
 from quarl.inject.errors import ErrorModel, module_seed
 from quarl.inject.select import select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
 from quarl.inject.telemetry import ModuleTelemetry, stats_row
-from quarl.inject.weights import WeightCache
+from quarl.inject.weights import WeightCache, verify_enabled
 
 logger = logging.getLogger(__name__)
 UNSET = "unset"
@@ -98,6 +100,17 @@ def activation_fn(error: ErrorModel, generator: _Rng) -> Callable[[torch.Tensor]
     return lambda x: fq(x.detach())
 
 
+def _epoch_of(injector: Injector, fqn: str) -> Callable[[], object]:
+    """The epoch a module's weight cache compares against: the injector's, plus, for the ``base_layer`` of a PEFT
+    LoRA layer, how many adapters are merged into it (PEFT's ``merge`` / ``unmerge`` write the base weight through
+    ``.data``: a forward after either re-checks the cached weight)."""
+    parent_name, _, leaf = fqn.rpartition(".")
+    parent = injector.model.get_submodule(parent_name) if leaf == "base_layer" else None
+    if parent is None or not isinstance(getattr(parent, "merged_adapters", None), list):
+        return injector._get_epoch
+    return lambda: (injector._epoch, len(parent.merged_adapters))
+
+
 class _ModuleInjection:
     """Hooks and state for one selected module."""
 
@@ -110,7 +123,8 @@ class _ModuleInjection:
         self.telemetry = ModuleTelemetry()
         noisy = spec.is_noise
         self.rng = {role: _Rng(module_seed(spec.seed, f"{fqn}:{role}"), noisy) for role in ("weight", "input", "output")}
-        self.weight = WeightCache(error, self.telemetry, self.rng["weight"]) if self.point.weight else None
+        self.weight = (WeightCache(error, self.telemetry, self.rng["weight"], name=fqn, epoch=_epoch_of(injector, fqn),
+                                   verify=injector.verify_weight_cache) if self.point.weight else None)
         self._input = self.point.input
         self._output = self.point.output
         apply_in = activation_fn(error, self.rng["input"])
@@ -186,12 +200,15 @@ class Injector:
         self.spec = spec
         self.stats_every = stats_every
         self._phase: Phase | None = None
+        self._epoch = 0  # moves on phase changes, optimizer steps, invalidate_weights (see quarl.inject.weights)
+        self.verify_weight_cache = verify_enabled()
         self._bypassed = False  # inside `bypassed()`: every forward passes through, whatever the phase
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._modules: dict[str, _ModuleInjection] = {}
         self._last_input: tuple[torch.Tensor, tuple, torch.Tensor, dict] | None = None  # see _shared_input
         self.set_phase(phase)
         self._install()
+        self._handles.append(_optimizer_step_hook(self))
 
     # --- installation -----------------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -253,6 +270,8 @@ class Injector:
             if phase not in valid:
                 raise ValueError(f"unknown phase {phase!r}; valid phases: {', '.join(valid)}")
             phase = Phase(phase)
+        if phase is not self._phase:
+            self._epoch += 1  # weights may have been written between phases: re-check cached ones once
         self._phase = phase
         # what `_gate` returns, resolved once per phase change instead of once per hook call
         if phase is None:
@@ -295,6 +314,22 @@ class Injector:
                 f"quarl.inject: apply_during={self.spec.apply_during.value!r} but no phase is set; wrap the forward "
                 "in `with injector.phase('rollout'):` / `('training')` or call injector.set_phase(...)")
         return state
+
+    # --- weight cache -----------------------------------------------------------------------------------------------
+    def _get_epoch(self) -> int:
+        return self._epoch
+
+    def invalidate_weights(self) -> None:
+        """Drop every cached quantized weight: the next forward of each module recomputes ``e(W)``.
+
+        Call it after writing weights in a way PyTorch does not version (``param.data.copy_(...)``,
+        ``param.data += ...``) in the middle of a phase; between phases and after optimizer steps quarl re-checks
+        cached weights by itself (`quarl.inject.weights`). quarl's TRL + vLLM sync and verl worker extension call it
+        after every weight sync."""
+        self._epoch += 1
+        for state in self._modules.values():
+            if state.weight is not None:
+                state.weight.clear()
 
     # --- telemetry --------------------------------------------------------------------------------------------------
     @property
@@ -352,6 +387,20 @@ class Injector:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
+
+
+def _optimizer_step_hook(injector: Injector) -> torch.utils.hooks.RemovableHandle:
+    """A process-wide post-step hook on every ``torch.optim`` optimizer that moves ``injector``'s epoch, so cached
+    weights are re-checked after each step (FSDP2 writes the stepped values into its gather buffers without a version
+    bump). It holds the injector weakly; the handle is owned by the injector and removed by ``detach``."""
+    ref = weakref.ref(injector)
+
+    def bump(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        inj = ref()
+        if inj is not None:
+            inj._epoch += 1
+
+    return register_optimizer_step_post_hook(bump)
 
 
 def attach(model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None = None,

@@ -50,13 +50,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
-from quarl.inject.errors import ErrorModel, module_seed, pass_through
+from quarl.inject.errors import ErrorModel, module_seed
 from quarl.inject.select import select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
 from quarl.inject.telemetry import ModuleTelemetry
-from quarl.inject.weights import weight_key
+from quarl.inject.weights import WeightCache, verify_enabled
 
 _OPS = {
     F.linear: "linear",
@@ -133,7 +134,10 @@ class OpInjector(TorchFunctionMode):
         self.module_calls: Counter = Counter()  # fqn -> injected calls (model mode)
         self._owners: WeightOwners | None = None
         self._gens: dict[tuple[str, torch.device], torch.Generator] = {}
-        self._weights: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+        self._weights: dict[int, tuple[weakref.ref, WeightCache]] = {}
+        self._epoch = 0  # moved by optimizer steps inside the block and by invalidate_weights
+        self._verify = verify_enabled()
+        self._step_hook: torch.utils.hooks.RemovableHandle | None = None
 
     def _active(self) -> tuple[str, bool]:
         if self.phase is None:
@@ -153,18 +157,23 @@ class OpInjector(TorchFunctionMode):
         return q
 
     def _weight(self, op: str, who: str, w: torch.Tensor) -> torch.Tensor:
-        """e(w), cached per version of the Parameter ``w``, with the spec's gradient semantics."""
+        """e(w), cached per version of the Parameter ``w`` (`quarl.inject.weights.WeightCache`: the same freshness
+        rules and verify mode as module hooks), with the spec's gradient semantics."""
         if not isinstance(w, nn.Parameter):  # all_ops temporaries: no stable identity to cache on
             return self._inject(op, who, "weight", w)
-        key = weight_key(w)
         entry = self._weights.get(id(w))
-        if entry is None or entry[0]() is not w or entry[1] != key:
-            value = self.error.values(w, self._gen(f"{who}:weight", w.device))
-            self._weights[id(w)] = (weakref.ref(w), key, value)
-            self.telemetry[op].weight_computations += 1
-            self.telemetry[op].measure("weight", w, value)
-        value = self._weights[id(w)][2]
-        return pass_through(w, value) if self.error.use_ste else value
+        if entry is None or entry[0]() is not w:
+            cache = WeightCache(self.error, self.telemetry[op], lambda dev, name=f"{who}:weight": self._gen(name, dev),
+                                name=who, epoch=lambda: self._epoch, verify=self._verify)
+            entry = self._weights[id(w)] = (weakref.ref(w), cache)
+        cache = entry[1]
+        cache.telemetry = self.telemetry[op]  # counted under the op that (re)computes it
+        return cache.effective(w)
+
+    def invalidate_weights(self) -> None:
+        """Drop every cached e(W) (after writing weights through ``.data`` inside the block)."""
+        self._epoch += 1
+        self._weights.clear()
 
     def _weight_view(self, op: str, fqn: str, t: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
         """The operand ``t`` (``param`` itself or a view of it) taken from the cached e(param)."""
@@ -227,10 +236,17 @@ class OpInjector(TorchFunctionMode):
     def __enter__(self) -> OpInjector:
         if self.model is not None:  # indexed on entry: parameters may have been replaced since construction
             self._owners = WeightOwners(self.model, self.selected)
+        self._step_hook = register_optimizer_step_post_hook(self._on_optimizer_step)
         return super().__enter__()
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._epoch += 1
 
     def __exit__(self, *exc: object) -> Any:
         self._weights.clear()
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
         self._owners = None  # drop the strong references to the model's parameters
         return super().__exit__(*exc)
 

@@ -1,26 +1,44 @@
 """Weight injection: ``W -> e(W)`` computed once per weight version, swapped in only for the module's forward.
 
-Why. The verl fork re-quantized and cloned every weight on every forward, and restored the originals only after a
-backward that inference never runs (FIELD_NOTES §2 item 7). Here:
+Why. Re-quantizing and cloning every weight on every forward (and restoring it only after a backward that
+inference never runs) is slow and leaks quantized weights into evaluation. Here ``e(W)`` is computed once and reused
+for as long as ``W`` provably did not change.
 
-- ``e(W)`` is cached per module, keyed on ``(param._version, param.data_ptr(), dtype, device, shape)``. PyTorch
-  bumps ``_version`` on every in-place write (``optimizer.step()``, ``copy_``, ``load_state_dict``) and
-  ``param.data = ...`` changes the data pointer, so the cache is invalidated exactly when the weight changes, and a
-  rollout of N forwards quantizes each weight once. Stochastic error models therefore resample once per weight
-  version (QeRL resamples once per optimizer step, too).
-- Only ``e(W)`` is stored (one tensor the size of W, in W's dtype). The full-precision weight stays the module's own
-  Parameter; nothing is copied or modified in place, so detaching restores the model bit-exactly by construction.
-- The swap: a forward pre-hook puts the cached tensor in ``module._parameters["weight"]`` for the duration of the
-  module's forward (the same mechanism ``torch.func.functional_call`` uses), and a post-hook registered with
-  ``always_call=True`` puts the Parameter back even when the forward raises.
-- Gradients: when the Parameter requires grad and ``use_ste=True``, the swapped-in tensor is
-  ``pass_through(W, e(W))``: forward value e(W), identity gradient to W (a zero-copy view per forward). Input
-  gradients are exact for the injected forward (dL/dx = g·e(W)). Frozen weights (LoRA base) just use the cached
-  tensor.
+The cache and when it is recomputed. A cached entry is reused only while all of these hold:
+
+- the key ``(param._version, param.data_ptr(), dtype, device, shape)`` is unchanged. PyTorch bumps ``_version`` on
+  every in-place write through the Parameter itself (``optimizer.step()``, ``param.copy_``, ``load_state_dict``)
+  and ``param.data = ...`` changes the data pointer;
+- the injector's *epoch* is unchanged, or, when it moved, the weight's 64-bit content checksum (`checksum`) still
+  matches the one taken when ``e(W)`` was computed. The epoch moves on every phase change, on every optimizer step
+  of any ``torch.optim`` optimizer (a process-wide post-step hook the injector owns and removes on ``detach``), and
+  on `Injector.invalidate_weights`. This catches the writes that bump neither version nor pointer -- ``param.data
+  .copy_(...)``, ``param.data += ...`` -- which is exactly how PEFT's ``merge_adapter`` / ``unmerge_adapter``,
+  FSDP2's all-gather into a reused buffer and vLLM's weight loaders write. The check costs one pass over ``W`` per
+  epoch (about a tenth of re-quantizing it); forwards inside one phase (a whole rollout) never pay it.
+
+What it cannot see: a ``.data`` write *inside* one phase with no optimizer step in between (a custom weight sync in
+the middle of a rollout). Code that does that calls ``injector.invalidate_weights()`` afterwards; quarl's own
+integrations (the TRL + vLLM weight sync, the verl worker extension) do it for you. To prove a pipeline never serves
+a stale entry, set ``QUARL_VERIFY_WEIGHT_CACHE=1``: every cache hit then compares ``W`` bit for bit with a copy
+taken when ``e(W)`` was computed and raises `StaleWeightCacheError` naming the module (quarl's test suite runs with
+it on; it doubles weight memory, so it is a debugging mode).
+
+Only ``e(W)`` is stored (one tensor the size of W, in W's dtype). The full-precision weight stays the module's own
+Parameter; nothing is copied or modified in place, so detaching restores the model bit-exactly by construction.
+The swap: a forward pre-hook puts the cached tensor in ``module._parameters["weight"]`` for the duration of the
+module's forward (the mechanism ``torch.func.functional_call`` uses), and a post-hook registered with
+``always_call=True`` puts the Parameter back even when the forward raises.
+
+Gradients: when the Parameter requires grad and ``use_ste=True``, the swapped-in tensor is
+``pass_through(W, e(W))``: forward value e(W), identity gradient to W (a zero-copy view per forward). Input
+gradients are exact for the injected forward (dL/dx = g·e(W)). Frozen weights (LoRA base) use the cached tensor.
+Stochastic error models resample once per cached value, i.e. once per weight version.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -29,7 +47,20 @@ from torch import nn
 from quarl.inject.errors import ErrorModel, pass_through
 from quarl.inject.telemetry import ModuleTelemetry
 
+VERIFY_ENV = "QUARL_VERIFY_WEIGHT_CACHE"
 _Key = tuple[int, int, torch.dtype, torch.device, tuple[int, ...]]
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# odd 64-bit constants (golden-ratio and splitmix64 increments): position weights of the checksum
+_ROW_MUL, _COL_MUL = -7046029254386353131, -4658895280553007687
+
+
+class StaleWeightCacheError(RuntimeError):
+    """A cached quantized weight no longer matches its weight (raised only in verify mode)."""
+
+
+def verify_enabled() -> bool:
+    """True when ``QUARL_VERIFY_WEIGHT_CACHE`` is set to a non-empty value other than ``0``."""
+    return os.environ.get(VERIFY_ENV, "") not in ("", "0")
 
 
 def weight_key(param: torch.Tensor) -> _Key:
@@ -37,26 +68,82 @@ def weight_key(param: torch.Tensor) -> _Key:
     return (param._version, param.data_ptr(), param.dtype, param.device, param.shape)
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s raw bit patterns as integers of the same width (NaN payloads and -0.0 included)."""
+    t = t.detach()
+    return t.view(_INT_OF_SIZE[t.element_size()]) if t.is_floating_point() else t
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (``torch.equal`` would call two NaNs different and -0.0 equal to 0.0)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def checksum(t: torch.Tensor) -> int:
+    """A position-weighted 64-bit checksum of ``t``'s bits: sum over elements of ``bits * (r·A + c·B | 1)`` mod 2^64.
+
+    Any single changed element changes it (its weight is odd, hence invertible mod 2^64); several changes cancel
+    only if their weighted differences sum to 0 mod 2^64, which rounding drift (merge then unmerge) does not
+    arrange. One pass over ``t`` plus an int64 temporary; no Python loop.
+    """
+    b = _bits(t).reshape(t.shape[0] if t.dim() > 1 else 1, -1).to(torch.int64)  # (R, C)
+    rows = torch.arange(b.shape[0], device=b.device, dtype=torch.int64).mul_(_ROW_MUL).unsqueeze(1)
+    cols = torch.arange(b.shape[1], device=b.device, dtype=torch.int64).mul_(_COL_MUL)
+    return int(b.mul_((rows + cols).bitwise_or_(1)).sum())
+
+
 class WeightCache:
-    """The cached ``e(W)`` of one module and the swap in/out of its ``weight`` entry."""
+    """The cached ``e(W)`` of one module and the swap in/out of its ``weight`` entry.
+
+    ``epoch`` returns the owning injector's epoch (see the module docstring); ``verify`` turns on the bitwise check
+    of every hit (`StaleWeightCacheError`).
+    """
 
     def __init__(self, error: ErrorModel, telemetry: ModuleTelemetry,
-                 generator: Callable[[torch.device], torch.Generator | None]) -> None:
+                 generator: Callable[[torch.device], torch.Generator | None], *, name: str = "<module>",
+                 epoch: Callable[[], int] = lambda: 0, verify: bool = False) -> None:
         self.error = error
         self.telemetry = telemetry
         self.generator = generator
+        self.name = name
+        self.epoch = epoch
+        self.verify = verify
         self._key: _Key | None = None
+        self._epoch = -1  # the epoch at which the entry was last proven fresh
+        self._checksum: int | None = None
+        self._snapshot: torch.Tensor | None = None  # verify mode: W's bits when e(W) was computed
         self._value: torch.Tensor | None = None
         self._saved: nn.Parameter | None = None  # the Parameter while e(W) is swapped in
 
-    def value(self, param: torch.Tensor) -> torch.Tensor:
-        """``e(W)`` for the current version of ``param`` (recomputed only when the weight changed)."""
-        key = weight_key(param)
+    def _fresh(self, param: torch.Tensor, key: _Key) -> bool:
+        """True when the cached entry still belongs to ``param``'s current values."""
         if key != self._key:
+            return False
+        epoch = self.epoch()
+        if epoch != self._epoch:
+            if checksum(param) != self._checksum:
+                return False
+            self._epoch = epoch
+        return True
+
+    def value(self, param: torch.Tensor) -> torch.Tensor:
+        """``e(W)`` for the current values of ``param`` (recomputed only when the weight changed)."""
+        key = weight_key(param)
+        if self._fresh(param, key):
+            if self.verify and not same_bits(param, self._snapshot):
+                raise StaleWeightCacheError(
+                    f"quarl.inject: the cached quantized weight of {self.name} is stale: its weight changed without a "
+                    "version bump (a write through `.data`, e.g. `param.data.copy_(...)`, inside one phase). Call "
+                    "`injector.invalidate_weights()` after writing weights that way. (Raised because "
+                    f"{VERIFY_ENV} is set.)")
+            return self._value
+        with torch.no_grad():
             self._value = self.error.values(param, self.generator(param.device))
-            self._key = key
-            self.telemetry.weight_computations += 1
-            self.telemetry.measure("weight", param, self._value)
+            self._checksum = checksum(param)
+            self._snapshot = param.detach().clone() if self.verify else None
+        self._key, self._epoch = key, self.epoch()
+        self.telemetry.weight_computations += 1
+        self.telemetry.measure("weight", param, self._value)
         return self._value
 
     def effective(self, param: torch.Tensor) -> torch.Tensor:
@@ -79,5 +166,6 @@ class WeightCache:
             self._saved = None
 
     def clear(self) -> None:
-        """Drop the cached tensor (frees its memory)."""
-        self._key = self._value = None
+        """Drop the cached tensor (frees its memory); the next forward recomputes it."""
+        self._key = self._value = self._checksum = self._snapshot = None
+        self._epoch = -1
