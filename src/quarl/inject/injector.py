@@ -45,7 +45,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quarl.inject.activations import inject_input, inject_output
 from quarl.inject.errors import ErrorModel, module_seed
-from quarl.inject.select import select_modules
+from quarl.inject.experts import check_experts, install_experts
+from quarl.inject.select import is_experts, select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
 from quarl.inject.telemetry import ModuleTelemetry, stats_row
 from quarl.inject.weights import WeightCache, verify_enabled
@@ -222,9 +223,13 @@ class Injector:
                     error.check_shape(weight.shape[1], f"{fqn} ({type(module).__name__})")
                 if point.output:
                     error.check_shape(weight.shape[0], f"{fqn} ({type(module).__name__}) output")
+        check_experts([(f, m) for f, m in selected if is_experts(m)], error, point)
         for fqn, module in selected:
             state = _ModuleInjection(self, fqn, error)
             self._modules[fqn] = state
+            if is_experts(module):  # fused 3-D MoE experts: per-expert error (quarl.inject.experts)
+                self._handles.extend(install_experts(self, fqn, module, state))
+                continue
             self._handles.append(module.register_forward_pre_hook(state.pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(state.post, with_kwargs=True, always_call=True))
         logger.info("quarl.inject: %s on %d modules (%s, apply_during=%s, use_ste=%s)", self.spec.error_type,

@@ -18,6 +18,25 @@ A module is selected when, in this order:
 
 `select_modules` raises when nothing matches: a spec that silently touches zero modules is how AQN runs lied (a
 class check that matched zero modules in vLLM, so no noise was ever added).
+
+Mixture-of-experts models:
+
+- routers are never selected (`is_router`: a class named ``*Router`` / ``*Gate``, or a module called ``gate``,
+  ``router`` or ``*_gate`` such as Qwen-MoE's ``shared_expert_gate``; ``gate_proj`` is a dense projection and is
+  not a router). A router's matmul is tiny and its output picks the experts: serving stacks keep it in high
+  precision (vLLM builds its MoE gates with ``quant_config=None``; llm-compressor recipes ignore ``mlp.gate``);
+- an experts container (`is_experts`: transformers' ``@use_experts_implementation`` classes such as
+  ``Qwen2MoeExperts``, ``Qwen3MoeExperts``, ``MixtralExperts``, whose experts are 3-D parameters ``gate_up_proj``
+  ``(E, 2I, H)`` / ``down_proj`` ``(E, H, I)``) is E linear layers stored side by side: it is selected when a
+  ``target_classes`` pattern matches its class name or the plain name ``Linear`` (the default ``*Linear`` does),
+  and `quarl.inject.experts` quantizes it per expert. Shared experts are ordinary linears.
+
+Coverage check (nothing may be left in full precision silently): after selection, every module class that owns
+weights of two or more dimensions, is neither selected nor ruled out by name (LoRA, head, routers, ``exclude``,
+``targets``, ``target_layers``) and is not an embedding, is a *family no pattern matches* -- an unknown experts
+container, GPT-2's ``Conv1D``, vLLM's ``FusedMoE``. One holding at least ``UNCOVERED_ERROR_SHARE`` of the model's
+matmul parameters raises ValueError naming it (add its name to ``exclude`` to run without it, knowingly); a smaller
+one logs a WARNING.
 """
 
 from __future__ import annotations
@@ -36,6 +55,10 @@ logger = logging.getLogger(__name__)
 
 FilterFn = Callable[[nn.Module, str], bool]
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+_ROUTER_NAME = re.compile(r"^(?:gate|router|\w+_gate)$")  # mlp.gate, router, shared_expert_gate (not gate_proj)
+_ROUTER_CLASSES = ("*Router", "*Gate")  # Qwen2MoeTopKRouter, MixtralTopKRouter, DeepSeek's MoEGate
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' fused 3-D expert parameters
+UNCOVERED_ERROR_SHARE = 0.05  # an unselected family with this share of the matmul parameters is an error
 
 
 def is_lora_adapter(fqn: str) -> bool:
@@ -68,6 +91,29 @@ def _has_linear_weight(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
+def is_router(module: nn.Module, fqn: str) -> bool:
+    """True for an MoE router / gate (see the module docstring); never selected for injection or noise."""
+    cls = type(module).__name__
+    return any(fnmatch.fnmatchcase(cls, p) for p in _ROUTER_CLASSES) or bool(_ROUTER_NAME.match(fqn.split(".")[-1]))
+
+
+def is_experts(module: nn.Module) -> bool:
+    """True for a transformers experts container (``@use_experts_implementation``: its forward dispatches through
+    ``config._experts_implementation``) holding 3-D expert weights."""
+    weights = [getattr(module, n, None) for n in EXPERT_WEIGHTS]
+    return (hasattr(module, "has_gate") and hasattr(module, "num_experts") and hasattr(module, "config")
+            and any(isinstance(w, torch.Tensor) and w.dim() == 3 for w in weights))
+
+
+def _class_matches(module: nn.Module, patterns: tuple[str, ...]) -> bool:
+    names = (type(module).__name__, "Linear") if is_experts(module) else (type(module).__name__,)
+    return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding) or "Embedding" in type(module).__name__
+
+
 def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> FilterFn:
     """Build ``filter_fn(module, fqn) -> bool`` for ``spec`` (pass ``model`` to recognise a renamed output head).
 
@@ -83,13 +129,11 @@ def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> Filte
     exclude = [re.compile(p) for p in spec.exclude]
     layers = set(spec.target_layers)
 
-    def filter_fn(module: nn.Module, fqn: str) -> bool:
+    def by_name(module: nn.Module, fqn: str) -> bool:
+        """Every rule that does not look at the module's class or weight shape."""
         if is_lora_adapter(fqn) or isinstance(getattr(module, "base_layer", None), nn.Module):
             return False
-        cls = type(module).__name__
-        if not any(fnmatch.fnmatchcase(cls, p) for p in spec.target_classes):
-            return False
-        if spec.injection_point.weight and not _has_linear_weight(module):
+        if is_router(module, fqn):
             return False
         if _is_head(module, fqn, head):
             if not spec.quantize_lm_head:
@@ -100,14 +144,62 @@ def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> Filte
             return False
         return not layers or block_index(fqn) in layers
 
+    def filter_fn(module: nn.Module, fqn: str) -> bool:
+        if not _class_matches(module, spec.target_classes):
+            return False
+        if spec.injection_point.weight and not (_has_linear_weight(module) or is_experts(module)):
+            return False
+        return by_name(module, fqn)
+
+    filter_fn.by_name = by_name  # for the coverage check of `select_modules`
     return filter_fn
+
+
+def uncovered_families(model: nn.Module, spec: InjectionSpec,
+                       chosen: list[tuple[str, nn.Module]]) -> list[tuple[str, float, list[str]]]:
+    """Module classes with >= 2-D weights that the spec leaves out only because no class pattern matches them.
+
+    Returns:
+        ``(class name, share of the model's matmul parameters, qualified names)`` per class, largest share first.
+        Matmul parameters: every parameter of two or more dimensions outside embeddings.
+    """
+    by_name = make_filter_fn(spec, model).by_name
+    picked = {id(m) for _, m in chosen}
+    total = 0
+    families: dict[str, list] = {}
+    for fqn, module in model.named_modules():
+        n = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
+        if not n or _is_embedding(module):
+            continue
+        total += n
+        if id(module) in picked or not by_name(module, fqn):
+            continue
+        entry = families.setdefault(type(module).__name__, [0, []])
+        entry[0] += n
+        entry[1].append(fqn)
+    found = [(cls, n / total, names) for cls, (n, names) in families.items()]
+    return sorted(found, key=lambda f: -f[1])
+
+
+def _check_coverage(model: nn.Module, spec: InjectionSpec, chosen: list[tuple[str, nn.Module]]) -> None:
+    """Raise (a large family) or warn (a small one) about families no pattern matches; see the module docstring."""
+    for cls, share, names in uncovered_families(model, spec, chosen):
+        shown = ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
+        what = (f"{len(names)} {cls} module(s) ({shown}) hold {100 * share:.1f}% of the matmul parameters of "
+                f"{type(model).__name__} and no target_classes pattern {spec.target_classes} selects them: they "
+                "would run in full precision")
+        if share >= UNCOVERED_ERROR_SHARE:
+            raise ValueError(f"InjectionSpec: {what}. Add a regex matching them to `exclude` to run without them "
+                             "knowingly, or a `target_classes` pattern if they are linear layers (y = x W^T)")
+        logger.warning("quarl.inject: %s", what)
 
 
 def select_modules(model: nn.Module, spec: InjectionSpec) -> list[tuple[str, nn.Module]]:
     """All ``(fqn, module)`` pairs the spec selects, in ``named_modules`` order.
 
     Raises:
-        ValueError: when nothing matches, with the candidate linear-like modules listed so the fix is obvious.
+        ValueError: when nothing matches, with the candidate linear-like modules listed so the fix is obvious; when
+            a module family no pattern matches holds a large share of the matmul parameters (`uncovered_families`).
     """
     keep = make_filter_fn(spec, model)
     chosen = [(fqn, m) for fqn, m in model.named_modules() if keep(m, fqn)]  # fqn '' = a bare root layer
@@ -115,6 +207,7 @@ def select_modules(model: nn.Module, spec: InjectionSpec) -> list[tuple[str, nn.
         heads = [fqn for fqn, m in chosen if _is_head(m, fqn, output_head(model))]
         if heads:
             logger.warning("quantize_lm_head=True: the output head %s is injected", heads)
+        _check_coverage(model, spec, chosen)
         return chosen
     candidates = [f"{fqn} ({type(m).__name__})" for fqn, m in model.named_modules()
                   if _has_linear_weight(m) and not is_lora_adapter(fqn)]
