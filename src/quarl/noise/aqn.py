@@ -18,6 +18,19 @@ Noise is resampled once per optimizer step: the generator of each module is seed
 so every rollout of one step sees the same perturbation and a resumed run draws the same noise. The clean weights
 are restored by ``copy_`` from a snapshot (never by subtracting: rounding makes that inexact), and the restore is
 checked bit-for-bit. Zero matched modules is an error at construction, as is a schedule that is 0 on every step.
+
+Sharded weights. The noise of a module is defined on its *full* weight: the generator draws the full-size tensor and
+each rank keeps its own shard, so the noise the model sees does not depend on how many ranks hold it.
+- FSDP2 / DTensor parameters (``torch.distributed.fsdp.fully_shard``): the full draw is split by the parameter's own
+  device mesh and placements (``distribute_tensor(..., src_data_rank=None)``: no communication) and added to the
+  local shard; the gathered noised weight is the same at any world size. FSDP2's gathered copies are dropped
+  (``reshard()``) on entry and exit, so the forwards inside see the noise and the ones after do not. Cost: one transient full-size fp32 draw per
+  noised module per rank (norm gains: a few KB; ``target: linear``: one weight at a time).
+- vLLM tensor-parallel layers (plain tensors holding one rank's slice; the module's ``tp_size`` / ``tp_rank`` and its
+  class name say which dim): ``*ColumnParallelLinear`` slices dim 0, ``RowParallelLinear`` dim 1, from the draw of
+  the concatenated shape. RMSNorm gains are replicated under TP, so the default ``target: norm`` needs nothing. For
+  fused layers (``QKVParallelLinear``, ``MergedColumnParallelLinear``) the concatenation of rank slices interleaves
+  q/k/v (or gate/up) per rank, so their linear-target noise is reproducible at one TP size but differs between sizes.
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from quarl import configio
 from quarl.inject.errors import module_seed
@@ -121,6 +136,7 @@ class AQN:
     def __init__(self, model: nn.Module, cfg: AQNConfig, total_steps: int, start_step: int = 0) -> None:
         self.cfg = cfg
         self.total_steps = total_steps
+        self._model = model
         self._modules = select_aqn_modules(model, cfg)
         check_schedule(total_steps, schedule=cfg.schedule, sigma_start=cfg.sigma_start, sigma_end=cfg.sigma_end,
                        num_stages=cfg.num_stages, start_step=start_step)
@@ -141,12 +157,22 @@ class AQN:
         index = block_index(fqn)
         return float(self.cfg.layer_multipliers.get(index, 1.0)) if index is not None else 1.0
 
-    def _noise(self, fqn: str, weight: torch.Tensor, sigma: float, step: int) -> torch.Tensor:
-        gen = torch.Generator(device=weight.device).manual_seed(module_seed(self.cfg.seed * 1_000_003 + step, fqn))
-        z = torch.randn(weight.shape, generator=gen, device=weight.device, dtype=torch.float32)
+    def _noise(self, fqn: str, module: nn.Module, sigma: float, step: int) -> torch.Tensor:
+        """This rank's noise for ``module.weight``: a DTensor for a DTensor weight, else a plain tensor."""
+        weight = module.weight
+        local = _local(weight.detach())
+        full_shape, take = _shard_of(module, weight)
+        gen = torch.Generator(device=local.device).manual_seed(module_seed(self.cfg.seed * 1_000_003 + step, fqn))
+        z = take(torch.randn(full_shape, generator=gen, device=local.device, dtype=torch.float32))
+        if z.shape != local.shape:
+            raise RuntimeError(f"AQN: the noise shard of {fqn} has shape {tuple(z.shape)} but the local weight "
+                               f"{tuple(local.shape)} (an unsupported sharding layout)")
         scale = sigma * self._multiplier(fqn)
-        noise = z * scale * (weight.detach().float().abs() if self.cfg.relative else 1.0)
-        return noise.to(weight.dtype)
+        noise = (z * scale * (local.float().abs() if self.cfg.relative else 1.0)).to(local.dtype)
+        if isinstance(weight, DTensor):
+            return DTensor.from_local(noise, weight.device_mesh, weight.placements, run_check=False,
+                                      shape=weight.shape, stride=weight.stride())
+        return noise
 
     @contextlib.contextmanager
     def noised(self, step: int) -> Iterator[dict[str, Any]]:
@@ -163,13 +189,14 @@ class AQN:
             return
         clean = []
         sq = 0.0
+        _reshard(self._model)
         with torch.no_grad():
             for fqn, module in self._modules:
                 weight = module.weight
                 snapshot = weight.detach().clone()
-                noise = self._noise(fqn, weight, sigma, step)
+                noise = self._noise(fqn, module, sigma, step)
                 weight.add_(noise)
-                sq += float(noise.float().pow(2).sum())
+                sq += _square_sum(noise)
                 clean.append((weight, snapshot))
         stats.update({"aqn/modules": len(clean), "aqn/noise_norm": sq ** 0.5})
         self.applications += 1
@@ -180,5 +207,47 @@ class AQN:
             with torch.no_grad():
                 for weight, snapshot in clean:
                     weight.copy_(snapshot)  # copy, never subtract: bit-exact, and the Parameter object stays
-            if self.cfg.target == "norm" and not all(torch.equal(w, s) for w, s in clean):
+            _reshard(self._model)
+            if self.cfg.target == "norm" and not all(torch.equal(_local(w), _local(s)) for w, s in clean):
                 raise RuntimeError("AQN: clean weights were not restored bit-exactly")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's data of ``t`` (the local shard of a DTensor, else ``t``)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _reshard(model: nn.Module) -> None:
+    """Drop FSDP2's gathered copies so the next forward gathers the (noised or restored) shards.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward (the backward needs them next); without this,
+    noise added to the shards would not reach that forward, and a restore would leave the noised gathered copy in use.
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _square_sum(noise: torch.Tensor) -> float:
+    """Sum of squares of the full noise tensor (a collective for a DTensor: every rank calls it in the same order)."""
+    total = noise.float().pow(2).sum()
+    return float(total.full_tensor() if isinstance(total, DTensor) else total)
+
+
+def _shard_of(module: nn.Module, weight: torch.Tensor):
+    """``(full shape, take)``: the shape of the full weight and a function cutting this rank's shard from it."""
+    if isinstance(weight, DTensor):
+        mesh, placements = weight.device_mesh, weight.placements
+        return weight.shape, lambda z: distribute_tensor(z, mesh, placements, src_data_rank=None).to_local()
+    tp_size, tp_rank = getattr(module, "tp_size", 1), getattr(module, "tp_rank", 0)
+    name = type(module).__name__
+    dim = 1 if "RowParallel" in name else 0 if "ColumnParallel" in name or "QKVParallel" in name else None
+    if not isinstance(tp_size, int) or tp_size <= 1 or dim is None or dim >= weight.dim():
+        return weight.shape, lambda z: z
+    shape = list(weight.shape)
+    shape[dim] *= tp_size  # vLLM pads nothing here: every rank holds an equal slice
+
+    def take(z: torch.Tensor) -> torch.Tensor:
+        return z.narrow(dim, tp_rank * weight.shape[dim], weight.shape[dim])
+
+    return torch.Size(shape), take
