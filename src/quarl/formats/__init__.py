@@ -40,13 +40,16 @@ ones; enum options take the enum member or its string value):
   ``rceil`` (:class:`ScaleMode`); ``rounding`` = ``rne`` (default) | ``half_away`` (microxcaling "nearest") |
   ``stochastic`` (:class:`RoundingMode`); ``seed`` (int, for stochastic); ``profile`` = ``ocp`` (default) |
   ``compressed_tensors`` (its EVEN scale rounding; mxfp4 / mxfp6_e2m3 / mxfp8_e4m3 only).
-* ``nvfp4``: ``profile`` = ``compressed_tensors`` (default) | ``torchao`` | ``transformer_engine``;
-  ``block_size`` (default 16); ``block_2d`` (bool: 16x16 tiles, TE weights); ``rounding``; ``seed``;
-  ``nonfinite`` = ``reference`` (default) | ``block`` (:class:`NonFinite`).
-  ``quantize``/``fake_quantize`` also take ``global_amax=`` (a static, calibrated per-tensor amax).
+* ``nvfp4``: ``profile`` = ``compressed_tensors`` (default) | ``torchao`` | ``transformer_engine`` | ``vllm``
+  (vLLM's emulation reference, docs/formats-vllm.md); ``block_size`` (default 16); ``block_2d`` (bool: 16x16
+  tiles, TE weights); ``rounding``; ``seed``; ``nonfinite`` = ``reference`` (default) | ``block`` (:class:`NonFinite`);
+  ``tensor_scale`` = ``dynamic`` (default: amax per call) | ``static`` (calibrated) | ``per_token`` (one global
+  scale per row) (:class:`TensorScale`). ``quantize``/``fake_quantize``/``fake_quantizer`` take ``global_amax=`` (a
+  static, calibrated per-tensor amax; required with ``tensor_scale="static"``, which never falls back to dynamic).
 * ``fp8_*``, ``int8``, ``int4``: ``granularity`` = ``per_tensor`` | ``per_channel`` | ``per_token`` | ``per_group``
   (:class:`Granularity`); ``group_size`` (per_group only, default 128); ``rounding``; ``seed``;
-  ``profile`` = ``compressed_tensors``.
+  ``profile`` = ``compressed_tensors``; ``tensor_scale`` = ``dynamic`` | ``static`` (per_tensor only, with
+  ``global_amax=``).
 * ``nf4``: ``block_size`` (default 64); ``profile`` = ``bitsandbytes``.
 * ``fake_quantize`` only: ``ste`` = ``identity`` (default) | ``clipped`` (:class:`SteMode`); ``generator=`` a
   ``torch.Generator`` for stochastic rounding (otherwise ``seed`` gives a fresh generator per call, otherwise torch's
@@ -91,6 +94,7 @@ from .registry import (
     QFormat,
     ScaleMode,
     SteMode,
+    TensorScale,
     get_format,
 )
 from .rounding import RoundingMode
@@ -108,6 +112,7 @@ __all__ = [
     "RoundingMode",
     "ScaleMode",
     "SteMode",
+    "TensorScale",
     "dequantize",
     "error_stats",
     "fake_quantize",

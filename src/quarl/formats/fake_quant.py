@@ -25,7 +25,7 @@ import torch
 
 from . import fast, gpu, native
 from .blocking import from_blocks, to_blocks
-from .quantize import block_quantize, check_input, fake_quantize_eager, resolve_format
+from .quantize import block_quantize, check_global_amax, check_input, fake_quantize_eager, resolve_format
 from .registry import QFormat, SteMode
 from .registry import _choice as choice
 
@@ -88,7 +88,8 @@ def fake_quantize(
             scale_mode="rceil")``).
         ste: ``"identity"`` or ``"clipped"`` (zero gradient where ``x`` saturated).
         generator: RNG for ``rounding="stochastic"``.
-        global_amax: NVFP4 static per-tensor amax instead of the tensor's own.
+        global_amax: static per-tensor amax instead of the tensor's own (NVFP4, per-tensor FP8 / INT); required
+            when ``fmt.tensor_scale`` is ``static`` (ValueError otherwise).
         **options: format options.
 
     Returns:
@@ -109,6 +110,7 @@ def fake_quantize(
     fmt = resolve_format(fmt, options)
     ste = choice(SteMode, ste, "ste")
     check_input(x, fmt)
+    check_global_amax(fmt, global_amax)
     if torch.is_grad_enabled() and x.requires_grad:
         return _FakeQuantSTE.apply(x, fmt, ste, generator, global_amax)
     y = _forward(x, fmt, generator, global_amax)
@@ -116,8 +118,9 @@ def fake_quantize(
 
 
 def fake_quantizer(fmt: str | QFormat, *, ste: str | SteMode = SteMode.IDENTITY,
-                   **options) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``lambda x: fake_quantize(x, fmt, ste=ste)`` with the format resolved and the native kernel bound once.
+                   global_amax: torch.Tensor | None = None, **options) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``lambda x: fake_quantize(x, fmt, ste=ste, global_amax=global_amax)``, the format resolved and the native
+    kernel bound once (a static ``global_amax`` is checked here, at bind time, and passed on every call).
 
     For hot loops (an activation fake-quant per linear per decode step): it skips the per-call format resolution and
     dispatch, so a decode-shape call costs the kernel plus a few us. Results and gradients are those of
@@ -133,6 +136,10 @@ def fake_quantizer(fmt: str | QFormat, *, ste: str | SteMode = SteMode.IDENTITY,
     """
     fmt = resolve_format(fmt, options)
     ste = choice(SteMode, ste, "ste")
+    check_global_amax(fmt, global_amax)
+    if global_amax is not None:
+        amax = global_amax.detach().to(torch.float32).reshape(1).clone()
+        return lambda x: fake_quantize(x, fmt, ste=ste, global_amax=amax.to(x.device))
     kernel = native.bind(fmt)
 
     def apply(x: torch.Tensor) -> torch.Tensor:

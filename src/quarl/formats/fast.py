@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 
 from .quantize import fake_quantize_eager
-from .registry import Family, NonFinite, QFormat, RoundingMode
+from .registry import Family, NonFinite, Profile, QFormat, RoundingMode, TensorScale
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ def enabled_for(x: torch.Tensor, fmt: QFormat) -> bool:
         return False
     if fmt.rounding is RoundingMode.STOCHASTIC or fmt.hadamard:
         return False
+    if fmt.profile is Profile.VLLM or fmt.tensor_scale is TensorScale.PER_TOKEN:
+        return False  # eager only: vLLM's reciprocal chain must not be re-associated; T per row is not T per tensor
     if x.device.type == "cuda":
         return switch == "1"  # opt-in: Triton's fp32 division is not verified bit-exact here (no GPU was available)
     if x.device.type != "cpu":

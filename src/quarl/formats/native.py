@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 
 from .mx import _even_mbits, _target_pow2
-from .registry import Family, NonFinite, Profile, QFormat, RoundingMode, ScaleMode
+from .registry import Family, NonFinite, Profile, QFormat, RoundingMode, ScaleMode, TensorScale
 from .spec import FloatSpec
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,8 @@ def serves(fmt: QFormat) -> bool:
     """Whether the kernel implements ``fmt`` (format features only; tensors are checked per call)."""
     if fmt.family not in (Family.MX, Family.NVFP4) or fmt.hadamard or fmt.block_2d:
         return False
+    if fmt.profile is Profile.VLLM or fmt.tensor_scale is TensorScale.PER_TOKEN:
+        return False  # eager only (vLLM's scale arithmetic and per-row global scales are not in the C source)
     return fmt.rounding is not RoundingMode.STOCHASTIC
 
 
@@ -231,8 +233,8 @@ def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
         ``run(x)`` -> fp32 fake-quantized ``x`` or None (not served: the caller falls back), or None when the kernel
         does not serve ``fmt`` at all or cannot be built. ``run`` takes no static ``global_amax``.
     """
-    if not enabled() or not serves(fmt):
-        return None
+    if not enabled() or not serves(fmt) or fmt.tensor_scale is TensorScale.STATIC:
+        return None  # (static: ``run`` has no amax; the caller passes it to :func:`fake_quantize`)
     lib = library()
     if lib is None:
         return None

@@ -21,7 +21,7 @@ from .blocking import (
 )
 from .codes import decode, encode
 from .hadamard import rotate
-from .registry import Family, Granularity, QFormat, RoundingMode, get_format
+from .registry import Family, Granularity, QFormat, RoundingMode, TensorScale, get_format
 from .scaled import nf4_levels
 
 
@@ -34,8 +34,10 @@ class QuantizedTensor:
             pack 4-bit codes with ``pack_fp4``). With ``hadamard`` these are codes of the rotated tensor.
         scales: per-block scales with the block axis in place (``n_blocks = ceil(len / block_size)``): uint8 E8M0
             (MX), ``torch.float8_e4m3fn`` (NVFP4), fp32 (FP8 / INT / NF4; per-tensor: shape ``(1,)``).
-        global_scale: NVFP4 per-tensor fp32 ``(1,)`` in the profile's own convention (compressed_tensors: the encode
-            factor ``2688 / amax``; torchao: the decode factor ``amax / 2688``; transformer_engine: ``amax``); else None.
+        global_scale: NVFP4 per-tensor fp32 ``(1,)`` in the profile's own convention (compressed_tensors and vllm: the
+            encode factor ``2688 / amax``; torchao: the decode factor ``amax / 2688``; transformer_engine: ``amax``);
+            with ``tensor_scale="per_token"`` one per row, shaped like ``scales`` with a block axis of length 1;
+            else None.
         shape: input shape.
         dtype: input dtype (``dequantize`` returns it).
         fmt: the format.
@@ -82,6 +84,31 @@ def check_input(x: torch.Tensor, fmt: QFormat) -> None:
         check_axis(fmt.axis, x.dim())
 
 
+def check_global_amax(fmt: QFormat, global_amax: torch.Tensor | None) -> None:
+    """ValueError when a static amax is missing, unsupported, or given where the format computes its own per row.
+
+    Why: a ``tensor_scale="static"`` format called without its calibrated amax must fail, never quantize with a
+    dynamic scale that nobody asked for.
+    """
+    if global_amax is None:
+        if fmt.tensor_scale is TensorScale.STATIC:
+            raise ValueError(f"{fmt.name}: tensor_scale='static' needs a calibrated global_amax (none was given); "
+                             "quarl never falls back to a dynamic scale")
+        return
+    if fmt.family is Family.SCALED:
+        if fmt.granularity is not Granularity.PER_TENSOR:
+            raise ValueError(f"global_amax is a per-tensor amax; {fmt.name} has granularity={fmt.granularity.value!r}")
+    elif fmt.family is not Family.NVFP4:
+        raise ValueError("global_amax is an NVFP4 option or a per-tensor FP8 / INT option (a static, calibrated amax)")
+    if fmt.tensor_scale is TensorScale.PER_TOKEN:
+        raise ValueError("tensor_scale='per_token' computes one global scale per row; a static global_amax cannot be "
+                         "combined with it")
+
+
+def _per_row_global(fmt: QFormat) -> bool:
+    return fmt.family is Family.NVFP4 and fmt.tensor_scale is TensorScale.PER_TOKEN
+
+
 def block_quantize(
     x: torch.Tensor, fmt: QFormat, generator: torch.Generator | None = None, global_amax: torch.Tensor | None = None
 ) -> tuple[BlockQuant, BlockLayout]:
@@ -91,24 +118,24 @@ def block_quantize(
         x: float tensor (any dtype; computed in fp32). Rotated first when ``fmt.hadamard``.
         fmt: the format.
         generator: RNG for stochastic rounding.
-        global_amax: NVFP4 only: a static per-tensor amax ``(1,)`` instead of the tensor's own.
+        global_amax: NVFP4 / per-tensor FP8 / INT: a static per-tensor amax ``(1,)`` instead of the tensor's own
+            (see :func:`check_global_amax`).
 
     Returns:
         ``(BlockQuant, layout)``; NaN grid values are replaced by +0.0 (their block's multiplier is NaN).
     """
+    check_global_amax(fmt, global_amax)
     x32 = x.to(torch.float32)
     if fmt.hadamard:
         x32 = rotate(x32, fmt.hadamard_signs, fmt.axis)
     xb, layout = to_blocks(x32, *_layout_args(fmt))
     noise = _noise(xb, fmt, generator)
-    if global_amax is not None and fmt.family is not Family.NVFP4:
-        raise ValueError("global_amax is an NVFP4 option (its per-tensor scale)")
     if fmt.family is Family.MX:
         bq = mx.quantize_blocks(xb, fmt, noise)
     elif fmt.family is Family.NVFP4:
         bq = nvfp4.quantize_blocks(xb, fmt, noise, global_amax)
     elif fmt.family is Family.SCALED:
-        bq = scaled.quantize_blocks(xb, fmt, noise)
+        bq = scaled.quantize_blocks(xb, fmt, noise, global_amax)
     else:
         bq = scaled.quantize_blocks_nf4(xb, fmt, noise)
     values = torch.where(torch.isnan(bq.values), torch.zeros_like(bq.values), bq.values)
@@ -139,7 +166,8 @@ def quantize(
         x: float tensor (fp32 / bf16 / fp16 / fp64), computed in fp32.
         fmt: a QFormat or a format name (then ``options`` are passed to ``get_format``).
         generator: RNG for ``rounding="stochastic"`` (else ``fmt.seed``, else torch's global RNG).
-        global_amax: NVFP4 static per-tensor amax (calibrated) instead of the tensor's own.
+        global_amax: static per-tensor amax (calibrated) instead of the tensor's own (NVFP4, per-tensor FP8 / INT);
+            required when ``fmt.tensor_scale`` is ``static``.
         **options: format options, see ``get_format``.
 
     Returns:
@@ -147,6 +175,7 @@ def quantize(
     """
     fmt = resolve_format(fmt, options)
     check_input(x, fmt)
+    check_global_amax(fmt, global_amax)
     if x.numel() == 0:
         empty = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         return QuantizedTensor(empty, torch.empty(0, device=x.device), None, x.shape, x.dtype, fmt)
@@ -155,8 +184,8 @@ def quantize(
         codes = torch.bucketize(bq.values, nf4_levels(x.device)).to(torch.uint8)  # exact level -> its index
     else:
         codes = encode(bq.values, fmt.elem)
-    return QuantizedTensor(from_blocks(codes, layout), scales_to_layout(bq.scales, layout), bq.global_scale,
-                           x.shape, x.dtype, fmt)
+    g = scales_to_layout(bq.global_scale, layout) if _per_row_global(fmt) else bq.global_scale
+    return QuantizedTensor(from_blocks(codes, layout), scales_to_layout(bq.scales, layout), g, x.shape, x.dtype, fmt)
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
@@ -177,5 +206,6 @@ def dequantize(q: QuantizedTensor) -> torch.Tensor:
         values = decode(q.codes, fmt.elem)
     vb, layout = to_blocks(values, *_layout_args(fmt))
     module = {Family.MX: mx, Family.NVFP4: nvfp4, Family.SCALED: scaled, Family.NF4: scaled}[fmt.family]
-    dq = module.dequant_scale(scales_from_layout(q.scales, layout), q.global_scale, fmt)
+    g = scales_from_layout(q.global_scale, layout) if _per_row_global(fmt) else q.global_scale
+    dq = module.dequant_scale(scales_from_layout(q.scales, layout), g, fmt)
     return _unrotate(from_blocks(vb * dq, layout), fmt).to(q.dtype)
