@@ -77,13 +77,26 @@ def test_data_copy_between_phases_is_caught_without_any_call():
     assert inj.stats()["0"]["weight_computations"] == 2
 
 
-def test_unchanged_weights_are_not_recomputed_across_phases():
+def test_a_phase_change_requantizes_a_format_once_and_keeps_a_random_draw():
     model, x = _mlp(), torch.randn(4, 64)
     inj = attach(model, InjectionSpec(scheme="MXFP4A16", apply_during="both"))
-    for phase in ("rollout", "training", "rollout"):
-        with inj.phase(phase):
-            model(x)
-    assert inj.stats()["0"]["weight_computations"] == 1  # the checksum proved them fresh
+    for phase in ("rollout", "rollout", "training"):
+        inj.set_phase(phase)
+        model(x)
+        model(x)
+    assert inj.stats()["0"]["weight_computations"] == 2  # once per phase, never per forward
+    noisy = attach(_mlp(), InjectionSpec(error_type="relative_gaussian", error_scale=0.05,
+                                         injection_point="weight", apply_during="both"))
+    m = noisy.model
+    with noisy.phase("rollout"):
+        y = m(x)
+    with noisy.phase("training"):
+        assert torch.equal(m(x), y)  # the checksum proved the weight unchanged: same draw
+    assert noisy.stats()["0"]["weight_computations"] == 1
+    _write_through_data(m)
+    with noisy.phase("rollout"):
+        m(x)
+    assert noisy.stats()["0"]["weight_computations"] == 2
 
 
 def test_load_state_dict():

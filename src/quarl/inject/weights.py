@@ -9,13 +9,15 @@ The cache and when it is recomputed. A cached entry is reused only while all of 
 - the key ``(param._version, param.data_ptr(), dtype, device, shape)`` is unchanged. PyTorch bumps ``_version`` on
   every in-place write through the Parameter itself (``optimizer.step()``, ``param.copy_``, ``load_state_dict``)
   and ``param.data = ...`` changes the data pointer;
-- the injector's *epoch* is unchanged, or, when it moved, the weight's 64-bit content checksum (`checksum`) still
-  matches the one taken when ``e(W)`` was computed. The epoch moves on every phase change, on every optimizer step
-  of any ``torch.optim`` optimizer (a process-wide post-step hook the injector owns and removes on ``detach``), and
-  on `Injector.invalidate_weights`. This catches the writes that bump neither version nor pointer -- ``param.data
-  .copy_(...)``, ``param.data += ...`` -- which is exactly how PEFT's ``merge_adapter`` / ``unmerge_adapter``,
-  FSDP2's all-gather into a reused buffer and vLLM's weight loaders write. The check costs one pass over ``W`` per
-  epoch (about a tenth of re-quantizing it); forwards inside one phase (a whole rollout) never pay it.
+- the injector's *epoch* is unchanged. The epoch moves on every phase change, on every optimizer step of any
+  ``torch.optim`` optimizer (a process-wide post-step hook the injector owns and removes on ``detach``), on
+  `Injector.invalidate_weights`, and, for the ``base_layer`` of a PEFT LoRA layer, when adapters are merged or
+  unmerged. This catches the writes that bump neither version nor pointer -- ``param.data.copy_(...)``,
+  ``param.data += ...`` -- which is how PEFT's ``merge_adapter`` / ``unmerge_adapter``, FSDP2's all-gather into a
+  reused buffer and vLLM's weight loaders write. When the epoch moved, a deterministic format re-quantizes ``W``
+  (one quantization per phase: measured cheaper on a CPU than any exact checksum of ``W``); a random error model
+  keeps its draw if the weight's 64-bit content checksum (`checksum`) is unchanged, so its noise is resampled once
+  per weight version. Forwards inside one phase (a whole rollout) never pay either.
 
 What it cannot see: a ``.data`` write *inside* one phase with no optimizer step in between (a custom weight sync in
 the middle of a rollout). Code that does that calls ``injector.invalidate_weights()`` afterwards; quarl's own
@@ -121,7 +123,9 @@ class WeightCache:
             return False
         epoch = self.epoch()
         if epoch != self._epoch:
-            if checksum(param) != self._checksum:
+            # a deterministic format re-quantizes (cheaper than any checksum on a CPU: int64 reductions are slow);
+            # a random error model keeps its draw when the checksum proves the weight unchanged
+            if self.error.deterministic or checksum(param) != self._checksum:
                 return False
             self._epoch = epoch
         return True
@@ -139,7 +143,7 @@ class WeightCache:
             return self._value
         with torch.no_grad():
             self._value = self.error.values(param, self.generator(param.device))
-            self._checksum = checksum(param)
+            self._checksum = None if self.error.deterministic else checksum(param)
             self._snapshot = param.detach().clone() if self.verify else None
         self._key, self._epoch = key, self.epoch()
         self.telemetry.weight_computations += 1
