@@ -65,12 +65,15 @@ def in_features(module: nn.Module, name: str) -> int:
 
 
 class _PerExpert:
-    """An `ErrorModel` applied to each expert's ``(out, in)`` matrix separately (the `WeightCache` error)."""
+    """An `ErrorModel` applied to each expert's ``(out, in)`` matrix separately (the `WeightCache` error); every
+    other attribute (``use_ste``, ``deterministic``...) is the wrapped model's."""
 
     def __init__(self, error: ErrorModel, transposed: bool) -> None:
         self.error = error
         self.transposed = transposed
-        self.use_ste = error.use_ste
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.error, name)
 
     def values(self, param: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """``e(W[i])`` for every expert ``i``, blocks along the input dim, in ``param``'s layout (no autograd)."""

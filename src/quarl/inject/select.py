@@ -94,7 +94,9 @@ def _has_linear_weight(module: nn.Module) -> bool:
 def is_router(module: nn.Module, fqn: str) -> bool:
     """True for an MoE router / gate (see the module docstring); never selected for injection or noise."""
     cls = type(module).__name__
-    return any(fnmatch.fnmatchcase(cls, p) for p in _ROUTER_CLASSES) or bool(_ROUTER_NAME.match(fqn.split(".")[-1]))
+    parts = fqn.split(".")
+    name = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]  # a LoRA-wrapped gate's base
+    return any(fnmatch.fnmatchcase(cls, p) for p in _ROUTER_CLASSES) or bool(_ROUTER_NAME.match(name))
 
 
 def is_experts(module: nn.Module) -> bool:

@@ -1,0 +1,269 @@
+"""MoE injection on tiny random Qwen2-MoE / Qwen3-MoE / Mixtral: every routed expert's weights and inputs quantized per
+expert, routers and shared-expert gates untouched, lossless weight error keeps routing, detach restores bit-exactly,
+STE gradients reach expert weights and LoRA, an unknown module family is reported.
+
+Run: OMP_NUM_THREADS=1 python -m pytest tests/inject/test_inject_moe.py -q
+"""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny_moe import ARCHS, experts_of, routers_of, tiny_moe
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from quarl.formats import fake_quantize, get_format
+from quarl.inject import InjectionSpec, Phase, attach, select_modules
+from quarl.inject.experts import DISPATCH_PREFIX, experts_forward
+
+IDS = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _registry_keys():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return [k for k in ALL_EXPERTS_FUNCTIONS if k.startswith(DISPATCH_PREFIX)]
+
+
+def _routing(model, ids):
+    """Run the model and return (logits, [top-k expert indices of every router call])."""
+    picks = []
+    hooks = [m.register_forward_hook(lambda mod, a, out: picks.append(out[2].clone()))
+             for n, m in routers_of(model) if type(m).__name__.endswith("Router")]
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, picks
+
+
+def _route(experts, tokens, seed=0):
+    """Random routing of ``tokens`` tokens over all experts: (T, 2) distinct indices and (T, 2) weights."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(experts.num_experts, generator=g)[:2] for _ in range(tokens)])
+    return idx, torch.rand(tokens, 2, generator=g)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_selection_experts_in_routers_and_shared_gate_out(arch):
+    model = tiny_moe(arch)
+    names = [n for n, _ in select_modules(model, InjectionSpec(scheme="MXFP4"))]
+    assert [n for n, _ in experts_of(model)] == [n for n in names if n.endswith("experts")] and len(experts_of(model))
+    routers = [n for n, _ in routers_of(model)]
+    assert routers and not set(routers) & set(names)
+    if arch == "qwen2_moe":  # the shared expert follows the dense rules; its sigmoid gate is a router
+        assert "model.layers.0.mlp.shared_expert.down_proj" in names
+        assert "model.layers.0.mlp.shared_expert_gate" in routers
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_expert_matmul_sees_grid_weights_and_inputs(arch):
+    """MXFP4 W4A4: each expert's two matmuls get an on-grid input and the expert's own on-grid weight slice."""
+    model = tiny_moe(arch)
+    _, experts = experts_of(model)[0]
+    idx, w = _route(experts, 16)
+    h = torch.randn(16, 64)
+    fmt = get_format("mxfp4")
+    seen = []
+
+    class Capture(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.linear:
+                seen.append((args[0].detach(), args[1].detach()))
+            return func(*args, **(kwargs or {}))
+
+    with attach(model, InjectionSpec(scheme="MXFP4")), Capture():
+        experts(h, idx, w)
+    assert len(seen) == 2 * experts.num_experts  # every expert was routed to and ran both matmuls
+    for x, weight in seen:
+        assert torch.equal(fake_quantize(x, fmt), x) and not torch.equal(x, torch.zeros_like(x))
+        assert torch.equal(fake_quantize(weight, fmt), weight)
+    ups = [weight for i, (_, weight) in enumerate(seen) if i % 2 == 0]
+    clean = {tuple(torch.equal(fake_quantize(experts.gate_up_proj[e].detach(), fmt), u) for u in ups)
+             for e in range(experts.num_experts)}
+    assert all(sum(row) >= 1 for row in clean)  # each weight used is some expert's own quantized slice
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvfp4_scales_are_per_expert_weights_and_inputs(arch):
+    """NVFP4's tensor-level scale is taken per expert (weight slice and routed tokens), never across experts: the
+    injected experts equal a reference that quantizes each expert on its own, and differ from cross-expert scales."""
+    model = tiny_moe(arch)
+    _, experts = experts_of(model)[0]
+    with torch.no_grad():
+        experts.gate_up_proj[0].mul_(40.0)  # one loud expert: a shared global scale would crush the others
+    idx, w = _route(experts, 16, seed=1)
+    h = torch.randn(16, 64) * torch.linspace(0.1, 30.0, 16)[:, None]
+    fmt = get_format("nvfp4")
+
+    def reference(per_expert_weights: bool) -> torch.Tensor:
+        gate_up = experts.gate_up_proj.detach()
+        whole = fake_quantize(gate_up, fmt)  # the 3-D tensor at once: one global scale over all experts
+        out = torch.zeros_like(h)
+        mask = F.one_hot(idx, experts.num_experts + 1).permute(2, 1, 0)
+        for e in range(experts.num_experts):
+            pos, tok = torch.where(mask[e])
+            w1 = fake_quantize(gate_up[e], fmt) if per_expert_weights else whole[e]
+            gate, up = F.linear(fake_quantize(h[tok], fmt), w1).chunk(2, dim=-1)
+            act = fake_quantize(experts.act_fn(gate) * up, fmt)
+            y = F.linear(act, fake_quantize(experts.down_proj[e].detach(), fmt)) * w[tok, pos, None]
+            out.index_add_(0, tok, y)
+        return out
+
+    with torch.no_grad(), attach(model, InjectionSpec(scheme="NVFP4")):
+        got = experts(h, idx, w)
+    assert torch.equal(got, reference(per_expert_weights=True))
+    assert not torch.equal(got, reference(per_expert_weights=False))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lossless_expert_weights_keep_routing_and_logits(arch):
+    """Expert weights already on the MXFP4 grid: weight-only MXFP4 on the experts changes nothing, bit for bit, with
+    the model's own (grouped_mm) experts implementation running on the swapped weights."""
+    model = tiny_moe(arch)
+    with torch.no_grad():
+        for _, experts in experts_of(model):
+            for p in (experts.gate_up_proj, experts.down_proj):
+                p.copy_(torch.stack([fake_quantize(m, "mxfp4") for m in p]))
+    logits, picks = _routing(model, IDS)
+    inj = attach(model, InjectionSpec(scheme="MXFP4A16", targets=(r"\.experts$",)))
+    got, got_picks = _routing(model, IDS)
+    assert inj.modules == [n for n, _ in experts_of(model)]
+    assert all(s["fires"] == {"unset": 1} and s["weight"]["rel_err"] == 0.0 for s in inj.stats().values())
+    assert torch.equal(got, logits) and len(picks) == len(got_picks) == 2
+    assert all(torch.equal(a, b) for a, b in zip(picks, got_picks))
+    inj.detach()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_routers_untouched_and_detach_bit_exact(arch):
+    model = tiny_moe(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    implementation = model.config._experts_implementation
+    logits, picks = _routing(model, IDS)
+    routers = routers_of(model)
+    clean = {n: (m.weight, m.weight.detach().clone()) for n, m in routers}
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, mod.weight)) for n, m in routers]
+    inj = attach(model, InjectionSpec(scheme="NVFP4"))
+    assert model.config._experts_implementation.startswith(DISPATCH_PREFIX) and len(_registry_keys()) == 1
+    q_logits, _ = _routing(model, IDS)
+    for h in hooks:
+        h.remove()
+    assert set(seen) == set(clean)
+    assert all(seen[n] is clean[n][0] and torch.equal(seen[n], clean[n][1]) for n in clean)  # never swapped
+    assert not torch.equal(q_logits, logits)
+    inj.check_fired()
+    inj.detach()
+    assert model.config._experts_implementation == implementation and not _registry_keys()
+    after, after_picks = _routing(model, IDS)
+    assert torch.equal(after, logits) and all(torch.equal(a, b) for a, b in zip(picks, after_picks))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_identity_errors_give_the_stock_eager_experts_bit_for_bit():
+    for arch in ARCHS:
+        _, experts = experts_of(tiny_moe(arch))[0]
+        idx, w = _route(experts, 12)
+        h = torch.randn(12, 64)
+        with torch.no_grad():
+            stock = type(experts).forward.__wrapped__(experts, h, idx, w)
+            assert torch.equal(experts_forward(experts, h, idx, w, lambda x: x, lambda x: x), stock)
+
+
+def test_phases_gate_the_expert_activations():
+    model = tiny_moe("qwen2_moe")
+    _, experts = experts_of(model)[0]
+    idx, w = _route(experts, 8)
+    h = torch.randn(8, 64)
+    with torch.no_grad():
+        clean = experts(h, idx, w)
+        inj = attach(model, InjectionSpec(scheme="MXFP4", apply_during="rollout"))
+        with inj.phase(Phase.TRAINING):
+            assert torch.equal(experts(h, idx, w), clean)  # inactive: the stock implementation, clean weights
+        with inj.phase(Phase.ROLLOUT):
+            assert not torch.equal(experts(h, idx, w), clean)
+        with inj.phase(Phase.ROLLOUT), inj.bypassed():
+            assert torch.equal(experts(h, idx, w), clean)
+    stats = inj.stats()["model.layers.0.mlp.experts"]
+    assert stats["fires"] == {"rollout": 1} and stats["skipped"] == {"training": 1, "bypassed": 1}
+    assert stats["weight_computations"] == 2 and stats["input"]["measured"] == 2 * experts.num_experts
+    inj.detach()
+
+
+def test_ste_gradients_reach_expert_weights_and_lora():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_moe("qwen2_moe")
+    for use_ste in (True, False):
+        model.zero_grad(set_to_none=True)
+        with attach(model, InjectionSpec(error_type="mxfp4", injection_point="both", use_ste=use_ste)):
+            model(IDS).logits.square().mean().backward()
+        grad = model.model.layers[0].mlp.experts.gate_up_proj.grad
+        assert (grad is not None and grad.abs().sum() > 0) if use_ste else grad is None
+    lora = get_peft_model(tiny_moe("qwen2_moe"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    inj = attach(lora, InjectionSpec(scheme="MXFP4"))
+    assert any(n.endswith("mlp.experts") for n in inj.modules)
+    lora(IDS).logits.square().mean().backward()
+    grads = [p.grad for n, p in lora.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    inj.detach()
+
+
+def test_lora_wrapped_shared_expert_gate_stays_a_router():
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(tiny_moe("qwen2_moe"), LoraConfig(r=4, target_modules="all-linear"))
+    names = [n for n, _ in select_modules(lora, InjectionSpec(scheme="MXFP4"))]
+    assert any(n.endswith("shared_expert.up_proj.base_layer") for n in names)
+    assert not any("shared_expert_gate" in n for n in names)
+
+
+def test_second_activation_injection_on_the_same_experts_is_refused():
+    model = tiny_moe("mixtral")
+    first = attach(model, InjectionSpec(scheme="MXFP4"))
+    with pytest.raises(ValueError, match="another quarl injection"):
+        attach(model, InjectionSpec(scheme="NVFP4"))
+    first.detach()
+    attach(model, InjectionSpec(scheme="NVFP4")).detach()
+    assert not _registry_keys()
+
+
+class _ToyExperts(nn.Module):
+    """A 3-D experts container transformers does not know (no ``@use_experts_implementation``)."""
+
+    def __init__(self, experts: int, width: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(experts, width, width))
+
+    def forward(self, x):
+        return torch.einsum("th,eoh->to", x, self.w)
+
+
+class _Toy(nn.Module):
+    def __init__(self, experts: int, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, width)
+        self.experts = _ToyExperts(experts, width)
+
+    def forward(self, x):
+        return self.experts(self.proj(x))
+
+
+def test_unknown_experts_family_is_loud(caplog):
+    big = _Toy(experts=8, width=64)  # 8*64*64 of 8*64*64 + 64*64 matmul parameters: 88.9%
+    with pytest.raises(ValueError, match=r"_ToyExperts.*88\.9% of the matmul parameters"):
+        attach(big, InjectionSpec(scheme="MXFP4"))
+    attach(big, InjectionSpec(scheme="MXFP4", exclude=("experts",))).detach()  # knowingly left out: allowed
+    small = _Toy(experts=1, width=4)  # 16 of 272: 5.9% -> still an error; 2 experts of 2x2 would warn
+    with pytest.raises(ValueError, match="_ToyExperts"):
+        attach(small, InjectionSpec(scheme="MXFP4"))
+    small.experts.w = nn.Parameter(torch.randn(1, 2, 2))
+    small.proj = nn.Linear(64, 2)
+    with caplog.at_level(logging.WARNING, logger="quarl.inject.select"):
+        attach(small, InjectionSpec(scheme="W4A16", error_type="int4", format_options={"group_size": 32})).detach()
+    assert any("_ToyExperts" in r.getMessage() and "full precision" in r.getMessage() for r in caplog.records)
