@@ -1,6 +1,6 @@
 """`quarl plot`: PNG curves of a suite or of runs — validation accuracy, reward, AQN σ, mismatch KL vs step.
 
-    quarl plot suites/e13.yaml [--root runs] [--out curves.png]
+    quarl plot suites/e13.yaml [--root runs] [--evidence DIR] [--out curves.png]   # records + run directories
     quarl plot runs/E13c-*-s0 runs/E13f-*-s0 --out cmp.png
 
 Lines are means over seeds, bands 95% CIs (needs the ``plot`` extra: matplotlib). Default output:
@@ -13,12 +13,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from quarl.cli.suite import add_evidence_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plot", help="PNG curves (val accuracy, reward, sigma, mismatch KL) of a suite or of runs")
     p.add_argument("targets", nargs="+", type=Path, help="a suite YAML, or run directories (or directories of runs)")
     p.add_argument("--root", type=Path, default=Path("runs"), help="where a suite's run directories live")
     p.add_argument("--out", type=Path, help="PNG path")
+    add_evidence_argument(p)
     p.set_defaults(func=_run)
 
 

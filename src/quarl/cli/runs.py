@@ -1,9 +1,18 @@
-"""`quarl runs`: every run under a root, with its computed status, step, validation accuracy and wall time.
+"""`quarl runs`: list runs with their computed status; `quarl runs pack`: reduce finished runs to committed records.
 
     quarl runs [--root runs] [--name 'E13*'] [--status killed] [--json]
+    quarl runs pack RUN_DIR... --into evidence/<suite name>
 
 Status is computed from each run's files (exit record, heartbeat pid / age), never typed by hand; a killed run
 can be continued with ``quarl train --resume DIR``.
+
+``pack`` writes, per finished run, ``<into>/<run id>/config.yaml`` (the resolved config, verbatim) and
+``record.jsonl`` (one line per validation step with which problems were correct as a bitset, plus a few per-step
+training metrics; format in :mod:`quarl.runs.record`). The run id is the one ``quarl suite`` plans today (the run's
+config re-resolved by `quarl train`'s loader), so ``quarl suite`` / ``quarl table`` / ``quarl plot`` of the suite find
+the record. A RUN_DIR that is not a run contributes every run below it; unfinished runs are listed and skipped;
+an identical record already there is left alone, a different one is an error. Commit ``<into>``: tables and curves
+of the suite then need nothing else.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import argparse
 import dataclasses
 import fnmatch
 import json
+import sys
 from pathlib import Path
 
 
@@ -22,6 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--status", choices=["running", "finished", "failed", "killed"], help="only runs with this status")
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     p.set_defaults(func=_run)
+    sub_runs = p.add_subparsers(dest="runs_command", metavar="{pack}")
+    k = sub_runs.add_parser("pack", help="pack finished runs into compact records to commit (evidence/<suite>)",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    k.add_argument("runs", nargs="+", type=Path, help="run directories (or directories of runs)")
+    k.add_argument("--into", type=Path, required=True, help="record directory, e.g. evidence/<suite name>")
+    k.set_defaults(func=_pack)
 
 
 def _fmt_acc(x: float | None) -> str:
@@ -61,3 +77,45 @@ def _run(args: argparse.Namespace) -> int:
     if killed:
         print(f"\n{len(killed)} killed; continue one with: quarl train --resume {killed[0].path}")
     return 0
+
+
+def _record_name(run_dir: Path, info) -> str:
+    """The run id `quarl suite` plans for this run today: its config.yaml re-resolved by `quarl train`'s loader."""
+    from quarl.cli.suite import resolver
+    from quarl.runs import run_id
+
+    if info.seed is None:
+        return info.id
+    return run_id(resolver()(run_dir / "config.yaml", []), info.seed, info.name)
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from quarl.runs import RunStatus, list_runs, read_run
+    from quarl.runs.record import pack_run
+
+    dirs = []
+    for path in args.runs:
+        if (path / "run.json").exists():
+            dirs.append(path)
+        elif path.is_dir() and (found := [r.path for r in list_runs(path)]):
+            dirs.extend(found)
+        else:
+            print(f"quarl runs pack: {path}: not a run directory and no run below it", file=sys.stderr)
+            return 2
+    counts = {"packed": 0, "unchanged": 0, "skipped": 0, "failed": 0}
+    for run_dir in dirs:
+        try:
+            info = read_run(run_dir)
+            if info.status is not RunStatus.FINISHED:
+                print(f"skip       {run_dir} ({info.status.value}: only finished runs are packed)")
+                counts["skipped"] += 1
+                continue
+            dest, written = pack_run(run_dir, args.into, _record_name(run_dir, info))
+        except (ValueError, OSError, TypeError, KeyError) as exc:
+            print(f"FAILED     {run_dir}: {exc}", file=sys.stderr)
+            counts["failed"] += 1
+            continue
+        counts["packed" if written else "unchanged"] += 1
+        print(f"{'packed' if written else 'unchanged':<10} {run_dir} -> {dest}")
+    print(", ".join(f"{v} {k}" for k, v in counts.items()))
+    return 1 if counts["failed"] else 0

@@ -1,8 +1,11 @@
 """`quarl suite`: run a suite of seeded experiments — missing runs run, finished ones are skipped, killed ones resume.
 
-    quarl suite suites/e13.yaml [--seeds N] [--jobs J] [--dry-run] [--root runs] [--retry-failed]
+    quarl suite suites/e13.yaml [--seeds N] [--jobs J] [--dry-run] [--root runs] [--retry-failed] [--evidence DIR]
 
-Each (cell, seed) resolves through `quarl train`'s own strict config loader, so a typo in a cell is an error naming
+A (cell, seed) whose packed record is committed under ``EVIDENCE/<suite name>/`` (default EVIDENCE: the
+``evidence/`` directory beside the suite file's directory, i.e. the repository's ``evidence/`` for
+``suites/X.yaml``; see ``quarl runs pack``) counts as finished and is skipped, so a fresh checkout continues a
+suite where its records end. Each (cell, seed) resolves through `quarl train`'s own strict config loader, so a typo in a cell is an error naming
 the nearest valid key before anything runs; its run directory is ``ROOT/<name>-<config hash>-s<seed>``. At the end
 the suite's table (mean ± 95% CI over seeds, status against the declared expectations) is printed and written to
 ``ROOT/suites/<suite name>/table.md`` and ``table.csv``. Exit status: 0 when every run succeeded and no cell FAILED,
@@ -24,7 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan (run ids, status, action) and stop")
     p.add_argument("--root", type=Path, default=Path("runs"), help="where run directories live")
     p.add_argument("--retry-failed", action="store_true", help="also resume runs that failed (default: report them)")
+    add_evidence_argument(p)
     p.set_defaults(func=_run)
+
+
+def add_evidence_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--evidence", type=Path, help="directory of committed records, one subdirectory per suite "
+                                                 "(default: evidence/ beside the suite file's directory)")
+
+
+def evidence_dir(suite, evidence: Path | None) -> Path:
+    """Where a suite's committed records live: EVIDENCE/<suite name> (see the module docstring for the default)."""
+    if evidence is None:
+        evidence = Path(suite.path).resolve().parent.parent / "evidence"
+    return Path(evidence) / suite.name
 
 
 def resolver():
@@ -49,15 +65,17 @@ def load(args: argparse.Namespace):
     suite = load_suite(args.file)
     if getattr(args, "seeds", None):
         suite = suite.with_seeds(args.seeds)
-    return suite, plan(suite, resolver(), args.root, retry_failed=getattr(args, "retry_failed", False))
+    return suite, plan(suite, resolver(), args.root, retry_failed=getattr(args, "retry_failed", False),
+                       evidence=evidence_dir(suite, getattr(args, "evidence", None)))
 
 
 def print_plan(planned) -> None:
     from quarl.runs.runner import Action
 
     counts = {a: sum(p.action is a for p in planned) for a in Action}
+    committed = sum(p.committed for p in planned)
     print(f"{len(planned)} runs: {counts[Action.RUN]} to run, {counts[Action.RESUME]} to resume, "
-          f"{counts[Action.SKIP]} to skip")
+          f"{counts[Action.SKIP]} to skip" + (f" ({committed} committed records)" if committed else ""))
     width = max(len(p.run_id) for p in planned)
     for p in planned:
         print(f"  {p.action.value:<6}  {p.run_id:<{width}}  ({p.reason})")
@@ -85,7 +103,9 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"quarl suite: {exc}", file=sys.stderr)
         return 2
-    print(f"suite {suite.name}: {len(suite.cells)} cells x {len(suite.seeds)} seeds {list(suite.seeds)}")
+    own = sum(c.seeds is not None for c in suite.cells)
+    print(f"suite {suite.name}: {len(suite.cells)} cells x {len(suite.seeds)} seeds {list(suite.seeds)}"
+          + (f" ({own} cells with their own seeds)" if own else ""))
     print_plan(planned)
     if args.dry_run:
         return 0

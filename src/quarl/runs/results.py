@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from quarl.runs import registry as R
+from quarl.runs.record import Record, is_record, read_record
 from quarl.runs.stats import MISSING, Estimate, accuracy_interval, paired_difference, seed_interval
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class RunSummary:
     rows: tuple[dict, ...]  # metrics.jsonl rows (read_metrics)
     first_step: int | None  # step of the first validation (normally 0)
     final_step: int | None  # step of the last validation
+    config_hash: str | None = None  # as the run recorded it (run.json, or the record's run line)
+    record: Record | None = None  # set when read from a packed record instead of a run directory
 
     @property
     def path(self) -> Path:
@@ -53,9 +56,12 @@ class RunSummary:
         return None if value is None else 100.0 * float(value)
 
     def eval_correct(self, step: int | None, scorer: str) -> dict[str, bool] | None:
-        """Per-problem correctness from ``eval/step-<step>.jsonl`` (None when the file is absent)."""
+        """Per-problem correctness from ``eval/step-<step>.jsonl`` or the record's bitset (None when absent)."""
         if step is None:
             return None
+        if self.record is not None:
+            found = self.record.eval_at(step)
+            return None if found is None else found.as_mapping(scorer)
         return read_eval(self.path, step, scorer)
 
 
@@ -82,7 +88,27 @@ def summarize_run(run_dir: Path) -> RunSummary:
     config = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
     rows = tuple(R.read_metrics(run_dir))
     val_steps = [r["step"] for r in rows if r.get("val/acc_strict") is not None]
-    return RunSummary(info, config, rows, val_steps[0] if val_steps else None, val_steps[-1] if val_steps else None)
+    h = (R._read_json(Path(run_dir) / R.RUN_FILE) or {}).get("config_hash")
+    return RunSummary(info, config, rows, val_steps[0] if val_steps else None, val_steps[-1] if val_steps else None,
+                      config_hash=h)
+
+
+def summarize_record(path: Path) -> RunSummary:
+    """Read a packed record (:mod:`quarl.runs.record`) into a :class:`RunSummary`, as if it were its run directory."""
+    rec = read_record(path)
+    h = rec.header
+    rows = tuple(rec.rows())
+    val = [(r["step"], float(r["val/acc_strict"])) for r in rows if r.get("val/acc_strict") is not None]
+    info = R.RunInfo(path=rec.path, id=rec.path.name, name=h["name"], seed=h["seed"], status=R.RunStatus(h["status"]),
+                     step=int(h["step"]), total_steps=h["total_steps"], val_acc_first=val[0][1] if val else None,
+                     val_acc_last=val[-1][1] if val else None, wall_s=h["wall_s"])
+    return RunSummary(info, rec.config, rows, val[0][0] if val else None, val[-1][0] if val else None,
+                      config_hash=h["config_hash"], record=rec)
+
+
+def summarize(path: Path) -> RunSummary:
+    """A run directory or a packed record, whichever ``path`` is."""
+    return summarize_record(path) if is_record(path) else summarize_run(path)
 
 
 def describe_config(config: dict) -> dict[str, str]:
@@ -153,7 +179,7 @@ def group_runs(runs: Sequence[RunSummary]) -> list[Group]:
     """Group run summaries by (name, config hash), in first-seen order; seeds sorted within a group."""
     groups: dict[tuple, list[RunSummary]] = {}
     for r in runs:
-        h = (R._read_json(r.path / R.RUN_FILE) or {}).get("config_hash") or R.config_hash(r.config)
+        h = r.config_hash or R.config_hash(r.config)
         groups.setdefault((r.info.name, h), []).append(r)
     out = []
     for (name, h), members in groups.items():

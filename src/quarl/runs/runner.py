@@ -4,13 +4,15 @@ The plan is computed from files only: each (cell, seed) has a resolved config (t
 in as ``resolve`` so this module stays below ``quarl.rl``), hence a config hash and a run id, hence a directory
 ``root/<run id>`` whose computed status decides the action:
 
+    committed record SKIP     a packed record of it is in ``evidence`` (quarl.runs.record): finished elsewhere
     no directory     RUN      runner(base, overrides, out_dir=root/<id>, resume=None)
     killed           RESUME   runner(None, [], out_dir=None, resume=root/<id>)
     failed           SKIP     (RESUME with retry_failed: a crash is usually not transient, so it is opt-in)
     running          SKIP     another process owns it
     finished         SKIP     immutable
 
-Two cells that resolve to the same config (and seed) are an error before anything runs: they would be one run.
+A committed record wins over a local run directory, so a fresh checkout resumes a suite where the records end
+instead of running finished cells again. Two cells that resolve to the same config (and seed) are an error before anything runs: they would be one run.
 ``runner`` is ``quarl.rl.train`` in production; tests inject a fake. With ``jobs > 1`` runs go to a pool of spawned
 processes (the runner must then be a picklable module-level function); a failing run never stops the others.
 """
@@ -26,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from quarl.runs import registry as R
+from quarl.runs.record import is_record, read_header
 from quarl.runs.suite import Cell, Suite
 
 log = logging.getLogger(__name__)
@@ -47,12 +50,15 @@ class PlannedRun:
     overrides: tuple[str, ...]  # the cell's overrides + run.seed + run.name
     config_hash: str
     run_id: str
-    path: Path  # root / run_id (or an older directory of the same experiment, see _same_run_elsewhere)
+    path: Path  # root / run_id, an older directory of the same experiment (_same_run_elsewhere), or its record
     status: R.RunStatus | None  # None: not started
     action: Action
+    committed: bool = False  # path is a packed record (evidence), not a run directory
 
     @property
     def reason(self) -> str:
+        if self.committed:
+            return "finished, committed record"
         if self.status is None:
             return "missing"
         return self.status.value
@@ -65,8 +71,11 @@ class Outcome:
     error: str | None  # None: the runner returned
 
 
-def plan(suite: Suite, resolve: Resolver, root: Path, retry_failed: bool = False) -> list[PlannedRun]:
+def plan(suite: Suite, resolve: Resolver, root: Path, retry_failed: bool = False,
+         evidence: Path | None = None) -> list[PlannedRun]:
     """Resolve every (cell, seed) and decide what to do with it (see the module docstring).
+
+    ``evidence`` is the directory of the suite's committed records (``evidence/<suite name>``); None: no records.
 
     Raises:
         ValueError: a cell's overrides are invalid (from ``resolve``), or two cells resolve to the same config.
@@ -85,6 +94,11 @@ def plan(suite: Suite, resolve: Resolver, root: Path, retry_failed: bool = False
                              f"config (hash {h[:R.HASH_CHARS]}); make them differ or drop one")
         seen[(h, seed)] = name
         rid = R.run_id(config, seed, name)
+        record = _committed_record(Path(evidence), rid, name, seed, h, resolve) if evidence is not None else None
+        if record is not None:
+            out.append(PlannedRun(cell, seed, tuple(overrides), h, rid, record, R.RunStatus.FINISHED, Action.SKIP,
+                                  committed=True))
+            continue
         path = root / rid
         if not (path / R.RUN_FILE).exists():
             path = _same_run_elsewhere(root, name, seed, h, resolve) or path
@@ -105,8 +119,22 @@ def _same_run_elsewhere(root: Path, name: str, seed: int, h: str, resolve: Resol
     A new config field with a default changes every hash; re-resolving the run's own config.yaml through the current
     loader recognises it as the same experiment instead of running it again.
     """
-    for candidate in sorted(root.glob(f"{name}-*-s{seed}")):
-        info = R._read_json(candidate / R.RUN_FILE) or {}
+    candidates = sorted(root.glob(f"{name}-*-s{seed}"))
+    return _first_match(candidates, lambda c: R._read_json(c / R.RUN_FILE) or {}, name, seed, h, resolve)
+
+
+def _committed_record(evidence: Path, rid: str, name: str, seed: int, h: str, resolve: Resolver) -> Path | None:
+    """The record of this cell and seed in ``evidence`` (by run id first, else by re-resolving candidates' configs)."""
+    if not evidence.is_dir():
+        return None
+    candidates = [evidence / rid] + sorted(p for p in evidence.glob(f"{name}-*-s{seed}") if p.name != rid)
+    return _first_match([c for c in candidates if is_record(c)], read_header, name, seed, h, resolve)
+
+
+def _first_match(candidates, meta_of: Callable[[Path], dict], name: str, seed: int, h: str,
+                 resolve: Resolver) -> Path | None:
+    for candidate in candidates:
+        info = meta_of(candidate)
         if info.get("name") != name or info.get("seed") != seed or not (candidate / "config.yaml").exists():
             continue
         try:

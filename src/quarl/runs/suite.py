@@ -27,6 +27,7 @@ Format (strict: an unknown key is an error naming the nearest valid key)::
         set: {injection.scheme: W4A4, injection.error_type: mxfp4}   # dotted key -> value (null clears a block)
         grid: {aqn.sigma_start: [0.01, 0.001]}                        # crossed with the suite's grid
         expect: "final - step0 >= 3"                                  # or a list of them
+        seeds: [0]                                                    # optional: this cell's own seeds
 
 Expectation grammar: ``TERM OP NUMBER`` where TERM is ``final``, ``step0`` or ``final - step0`` (accuracy in points)
 and OP is ``>=`` or ``<=``. Overrides reach the trainer as ``key=value`` strings whose value is a YAML scalar.
@@ -52,7 +53,7 @@ from quarl.runs.registry import check_name
 from quarl.runs.stats import Estimate
 
 _SUITE_KEYS = ("name", "description", "base", "seeds", "metric", "grid", "expect", "cells")
-_CELL_KEYS = ("name", "description", "set", "grid", "expect")
+_CELL_KEYS = ("name", "description", "set", "grid", "expect", "seeds")
 _TERMS = ("final - step0", "final", "step0")
 _EXPECT_RE = re.compile(r"^\s*(final\s*-\s*step0|final|step0)\s*(>=|<=)\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 
@@ -109,6 +110,7 @@ class Cell:
     description: str
     overrides: tuple[str, ...]  # "dotted.key=value" (YAML scalar), applied in order
     expect: tuple[Expectation, ...]
+    seeds: tuple[int, ...] | None = None  # the cell's own seeds (None: the suite's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,18 +124,27 @@ class Suite:
     path: Path | None = None  # the suite file, when loaded from one
 
     def with_seeds(self, n: int) -> Suite:
-        """The first ``n`` declared seeds, extended with the following integers when ``n`` is larger."""
+        """The first ``n`` declared seeds (the suite's and each cell's own), extended with the following integers."""
         if n < 1:
             raise ValueError(f"--seeds must be >= 1, got {n}")
-        seeds = list(self.seeds[:n])
-        while len(seeds) < n:
-            seeds.append(max(seeds, default=-1) + 1)
-        return dataclasses.replace(self, seeds=tuple(seeds))
+
+        def first(declared: tuple[int, ...]) -> tuple[int, ...]:
+            seeds = list(declared[:n])
+            while len(seeds) < n:
+                seeds.append(max(seeds, default=-1) + 1)
+            return tuple(seeds)
+
+        cells = tuple(c if c.seeds is None else dataclasses.replace(c, seeds=first(c.seeds)) for c in self.cells)
+        return dataclasses.replace(self, seeds=first(self.seeds), cells=cells)
+
+    def seeds_of(self, cell: Cell) -> tuple[int, ...]:
+        """The seeds a cell runs: its own, or the suite's."""
+        return self.seeds if cell.seeds is None else cell.seeds
 
     def runs(self) -> list[tuple[str, tuple[str, ...], int]]:
         """Every (run name, overrides, seed): cells in declared order, seeds innermost."""
         return [(c.name, c.overrides + (f"run.seed={s}", f"run.name={c.name}"), s) for c in self.cells
-                for s in self.seeds]
+                for s in self.seeds_of(c)]
 
     def cell(self, name: str) -> Cell:
         for c in self.cells:
@@ -194,16 +205,16 @@ def _expectations(data: Any, where: str) -> tuple[Expectation, ...]:
     return tuple(parse_expectation(e) for e in items)
 
 
-def _seeds(data: Any) -> tuple[int, ...]:
+def _seeds(data: Any, where: str = "seeds") -> tuple[int, ...]:
     if isinstance(data, int) and not isinstance(data, bool):
         if data < 1:
-            raise ValueError(f"seeds: a count must be >= 1, got {data}")
+            raise ValueError(f"{where}: a count must be >= 1, got {data}")
         return tuple(range(data))
     if isinstance(data, list) and data and all(isinstance(s, int) and not isinstance(s, bool) for s in data):
         if len(set(data)) != len(data):
-            raise ValueError(f"seeds: duplicates in {data}")
+            raise ValueError(f"{where}: duplicates in {data}")
         return tuple(data)
-    raise ValueError(f"seeds: a count or a non-empty list of ints, got {data!r}")
+    raise ValueError(f"{where}: a count or a non-empty list of ints, got {data!r}")
 
 
 def _expand_cell(raw: dict, suite_grid: dict, default_expect: tuple, index: int) -> list[Cell]:
@@ -218,6 +229,7 @@ def _expand_cell(raw: dict, suite_grid: dict, default_expect: tuple, index: int)
         if not isinstance(values, list) or not values:
             raise ValueError(f"{where}: grid key {key!r} needs a non-empty list of values")
     expect = _expectations(raw.get("expect"), f"{where}.expect") or default_expect
+    seeds = _seeds(raw["seeds"], f"{where}.seeds") if raw.get("seeds") is not None else None
     base_over = tuple(f"{k}={yaml_scalar(v)}" for k, v in sets.items())
     keys = list(grid)
     cells = []
@@ -227,7 +239,7 @@ def _expand_cell(raw: dict, suite_grid: dict, default_expect: tuple, index: int)
         desc = str(raw.get("description", ""))
         if combo:
             desc = (desc + " " if desc else "") + "(" + ", ".join(f"{k}={v}" for k, v in zip(keys, combo)) + ")"
-        cells.append(Cell(check_name(name + suffix), desc, base_over + extra, expect))
+        cells.append(Cell(check_name(name + suffix), desc, base_over + extra, expect, seeds))
     return cells
 
 

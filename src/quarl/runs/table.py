@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from quarl.runs import registry as R
-from quarl.runs.results import SCORERS, Group, describe_config, group_runs, summarize_run, summary_dict
+from quarl.runs.record import is_record, list_records
+from quarl.runs.results import SCORERS, Group, describe_config, group_runs, summarize, summary_dict
 from quarl.runs.runner import PlannedRun
 from quarl.runs.stats import Estimate
 from quarl.runs.suite import Cell, Suite, Verdict, judge_cell
@@ -66,32 +67,35 @@ def row_for(group: Group, cell: Cell | None = None, n_seeds: int | None = None, 
 
 
 def suite_groups(planned: Sequence[PlannedRun]) -> dict[str, Group]:
-    """The existing runs of a suite plan, grouped by cell (cells without any run are absent)."""
+    """The existing runs (directories or committed records) of a suite plan, grouped by cell (no run: absent)."""
     by_cell: dict[str, list] = {}
     for p in planned:
-        if (p.path / R.RUN_FILE).exists():
-            by_cell.setdefault(p.cell.name, []).append(summarize_run(p.path))
+        if (p.path / R.RUN_FILE).exists() or is_record(p.path):
+            by_cell.setdefault(p.cell.name, []).append(summarize(p.path))
     cells = {p.cell.name: p.cell for p in planned}
     return {name: Group(name, tuple(runs), cells[name].description) for name, runs in by_cell.items()}
 
 
 def suite_rows(suite: Suite, groups_by_cell: dict[str, Group]) -> list[Row]:
     """Rows for every cell of a suite, in declared order (a cell with no runs yet gets an empty row)."""
-    return [row_for(groups_by_cell.get(c.name) or Group(c.name, (), c.description), c, len(suite.seeds),
+    return [row_for(groups_by_cell.get(c.name) or Group(c.name, (), c.description), c, len(suite.seeds_of(c)),
                     suite.metric) for c in suite.cells]
 
 
 def run_groups(paths: Sequence[Path]) -> list[Group]:
-    """Groups for ad-hoc run directories; a directory that is not itself a run contributes every run below it."""
+    """Groups for ad-hoc run directories or records; a directory that is neither contributes every one below it."""
     runs = []
     for path in paths:
         path = Path(path)
-        if (path / R.RUN_FILE).exists():
-            runs.append(summarize_run(path))
+        if (path / R.RUN_FILE).exists() or is_record(path):
+            runs.append(summarize(path))
         elif path.is_dir():
-            runs.extend(summarize_run(info.path) for info in R.list_runs(path))
+            found = [summarize(info.path) for info in R.list_runs(path)] + [summarize(p) for p in list_records(path)]
+            if not found:
+                raise FileNotFoundError(f"{path}: no run directory or packed record in it")
+            runs.extend(found)
         else:
-            raise FileNotFoundError(f"{path}: neither a run directory nor a directory of runs")
+            raise FileNotFoundError(f"{path}: neither a run directory, a record, nor a directory of them")
     return group_runs(runs)
 
 
