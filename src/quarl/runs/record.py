@@ -306,6 +306,9 @@ def pack_run(run_dir: Path, into: Path, name: str | None = None) -> tuple[Path, 
                               f"if {run_dir} is meant to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; a record is an ordinary directory
     try:
         (tmp / "config.yaml").write_text(config)
         (tmp / RECORD_FILE).write_text(text)
