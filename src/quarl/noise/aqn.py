@@ -19,6 +19,13 @@ so every rollout of one step sees the same perturbation and a resumed run draws 
 are restored by ``copy_`` from a snapshot (never by subtracting: rounding makes that inexact), and the restore is
 checked bit-for-bit. Zero matched modules is an error at construction, as is a schedule that is 0 on every step.
 
+Mixture-of-experts models. Routers and gates (`quarl.inject.select.is_router`: ``mlp.gate``, ``router``,
+``shared_expert_gate``) are never noised, whatever the patterns say: noise on a router reshuffles which experts run,
+which no quantized kernel does. Option ``moe_norm: post_attention_layernorm``: in decoder blocks holding routed
+experts, noise only that norm (the one feeding the router and the experts; the attention's input norm stays
+clean), reported to work better for MoE models in verl-based quantized-RL runs; dense blocks and norms outside the
+blocks keep the normal selection.
+
 Sharded weights. The noise of a module is defined on its *full* weight: the generator draws the full-size tensor and
 each rank keeps its own shard, so the noise the model sees does not depend on how many ranks hold it.
 - FSDP2 / DTensor parameters (``torch.distributed.fsdp.fully_shard``): the full draw is split by the parameter's own
@@ -50,7 +57,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from quarl import configio
 from quarl.inject.errors import module_seed
-from quarl.inject.select import block_index, is_lora_adapter
+from quarl.inject.select import block_index, is_experts, is_lora_adapter, is_router
 from quarl.noise.schedule import Schedule, check_schedule, sigma_at
 
 logger = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class AQNConfig:
     relative: bool = False  # False: w + sigma*N(0,1) (QeRL); True: w + sigma*|w|*N(0,1)
     apply_during: str = "rollout"  # rollout (QeRL) | both (also the training forwards)
     seed: int = 0
+    moe_norm: str | None = None  # e.g. post_attention_layernorm: in blocks with routed experts, noise only this norm
 
     def __post_init__(self) -> None:
         schedule = self.schedule.value if isinstance(self.schedule, Schedule) else self.schedule
@@ -98,6 +106,9 @@ class AQNConfig:
             raise ValueError(f"aqn.layer_multipliers maps block index (int) -> multiplier (>= 0); bad: {bad}")
         for pattern in self.targets + self.exclude:
             re.compile(pattern)
+        if self.moe_norm is not None and (not isinstance(self.moe_norm, str) or not self.moe_norm):
+            raise ValueError(f"aqn.moe_norm must be a module name such as 'post_attention_layernorm', got "
+                             f"{self.moe_norm!r}")
 
     def sigma(self, step: int, total_steps: int) -> float:
         """sigma for ``step`` (before per-layer multipliers)."""
@@ -115,6 +126,8 @@ def select_aqn_modules(model: nn.Module, cfg: AQNConfig) -> list[tuple[str, nn.M
         weight = getattr(module, "weight", None)
         if is_lora_adapter(fqn) or isinstance(getattr(module, "base_layer", None), nn.Module):
             continue
+        if is_router(module, fqn):
+            continue
         if not isinstance(weight, torch.Tensor) or weight.dim() != want_dim:
             continue
         if not any(fnmatch.fnmatchcase(type(module).__name__, p) for p in cfg.target_classes):
@@ -122,12 +135,33 @@ def select_aqn_modules(model: nn.Module, cfg: AQNConfig) -> list[tuple[str, nn.M
         if any(p.search(fqn) for p in exclude) or (targets and not any(p.search(fqn) for p in targets)):
             continue
         chosen.append((fqn, module))
+    if cfg.moe_norm is not None:
+        chosen = _only_moe_norm(model, chosen, cfg.moe_norm)
     if not chosen:
         classes = sorted({type(m).__name__ for _, m in model.named_modules()})
         raise ValueError(f"AQN is enabled but matches zero modules (target={cfg.target}, target_classes="
                          f"{cfg.target_classes}, targets={cfg.targets}, exclude={cfg.exclude}); module classes in "
                          f"the model: {', '.join(classes)}")
     return chosen
+
+
+def _only_moe_norm(model: nn.Module, chosen: list[tuple[str, nn.Module]], norm: str) -> list[tuple[str, nn.Module]]:
+    """Keep, in decoder blocks that hold routed experts, only the module named ``norm`` (``aqn.moe_norm``).
+
+    Raises:
+        ValueError: the model has no routed experts, or an MoE block has no selected ``norm``.
+    """
+    moe_blocks = {block_index(fqn) for fqn, m in model.named_modules() if is_experts(m)} - {None}
+    if not moe_blocks:
+        raise ValueError(f"aqn.moe_norm={norm!r} but {type(model).__name__} has no routed experts (an MoE option)")
+    kept = [(fqn, m) for fqn, m in chosen
+            if block_index(fqn) not in moe_blocks or fqn.split(".")[-1] == norm]
+    missing = moe_blocks - {block_index(fqn) for fqn, _ in kept if fqn.split(".")[-1] == norm}
+    if missing:
+        raise ValueError(f"aqn.moe_norm={norm!r}: no selected module of that name in the MoE blocks "
+                         f"{sorted(missing)}")
+    logger.info("AQN moe_norm: %d MoE blocks noise only %s", len(moe_blocks), norm)
+    return kept
 
 
 class AQN:
