@@ -9,7 +9,7 @@ from quarl.noise import check_schedule, sigma_at
 QERL = dict(schedule="qerl", sigma_start=1e-2, sigma_end=1e-4, num_stages=10)
 
 
-def test_qerl_matches_field_notes_example():
+def test_qerl_matches_the_600_step_example():
     # 600 steps, K=10: sigma 0 for steps 0-59, 1e-2 from 60, 5.62e-3 from 120, ... 1e-4 from 540.
     assert [sigma_at(s, 600, **QERL) for s in (0, 1, 59)] == [0.0, 0.0, 0.0]
     assert sigma_at(60, 600, **QERL) == pytest.approx(1e-2, rel=0, abs=0)
