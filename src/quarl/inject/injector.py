@@ -213,6 +213,18 @@ class Injector:
 
     # --- installation -----------------------------------------------------------------------------------------------
     def _install(self) -> None:
+        if self.spec.error_type is not None:  # None: a KV cache / attention-only spec, no linear is touched
+            self._install_linears()
+        if self.spec.kv_cache is not None or self.spec.attention is not None:  # last: it switches the model over
+            from quarl.inject.attention import install as install_attention
+
+            try:
+                self._handles.extend(install_attention(self))  # its per-module states join self._modules
+            except Exception:
+                self.detach()  # the linear hooks installed above go too: a failed attach leaves no trace
+                raise
+
+    def _install_linears(self) -> None:
         selected = select_modules(self.model, self.spec)
         error = ErrorModel.from_spec(self.spec)
         point = self.spec.injection_point

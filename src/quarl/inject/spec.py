@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from quarl import configio
+from quarl.inject.kvspec import AttentionSpec, KVCacheSpec
 
 
 class InjectionPoint(enum.Enum):
@@ -121,9 +122,13 @@ class InjectionSpec:
     quantize_lm_head: bool = False  # the output head is never touched without this explicit opt-in
     error_scale: float | None = None  # sigma / bias / deadzone threshold for the noise models
     seed: int = 0  # seeds the noise models (one generator per module, derived from seed and module name)
+    kv_cache: KVCacheSpec | None = None  # K (after RoPE) and V as a quantized KV cache stores them (kvspec)
+    attention: AttentionSpec | None = None  # low-precision query / softmax probabilities (kvspec)
 
     def __post_init__(self) -> None:
         self._check_types()
+        object.__setattr__(self, "kv_cache", KVCacheSpec.coerce(self.kv_cache, "kv_cache"))
+        object.__setattr__(self, "attention", AttentionSpec.coerce(self.attention, "attention"))
         self._expand_scheme()
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("injection_point", _enum(InjectionPoint, self.injection_point or "weight", "injection_point"))
@@ -150,9 +155,9 @@ class InjectionSpec:
     # --- scheme expansion -------------------------------------------------------------------------------------------
     def _expand_scheme(self) -> None:
         if self.scheme is None:
-            if self.error_type is None:
+            if self.error_type is None and self.kv_cache is None and self.attention is None:
                 raise ValueError("InjectionSpec needs an error_type (e.g. 'mxfp4', 'nvfp4', 'relative_gaussian') "
-                                 f"or a scheme ({', '.join(SCHEMES)})")
+                                 f"or a scheme ({', '.join(SCHEMES)}), or a kv_cache / attention format")
             return
         if self.scheme not in SCHEMES:
             raise configio.unknown_key_error(self.scheme, SCHEMES, "InjectionSpec.scheme")
@@ -175,6 +180,8 @@ class InjectionSpec:
 
     # --- validation -------------------------------------------------------------------------------------------------
     def _validate_error(self) -> None:
+        if self.error_type is None:  # KV cache / attention only: no linear is touched
+            return
         if self.is_noise:
             if self.format_options:
                 raise ValueError(f"format_options apply to quarl.formats error types, not {self.error_type!r}")

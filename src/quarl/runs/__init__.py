@@ -1,7 +1,8 @@
 """Experiments that cannot get lost: the run registry, suites of seeded runs, tables and plots.
 
 :mod:`quarl.runs.registry` gives every run a directory named after its config hash and seed, and computes its status
-from the files the trainer leaves there. Imports: configio, data, eval only (never rl or cli).
+from the files the trainer leaves there; :mod:`quarl.runs.record` packs a finished run into a small committed record
+that suites, tables and plots read like the run itself. Imports: configio, data, eval only (never rl or cli).
 """
 
 from quarl.runs.registry import (

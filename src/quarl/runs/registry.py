@@ -1,7 +1,7 @@
 """The experiment registry: one directory per run, an id derived from the config, a status computed from files.
 
-Why (FIELD_NOTES §2 item 10): experiment IDs collided and were reused, logs were overwritten or lost, and a status
-column was typed by hand. Here
+Why: in hand-run studies, experiment IDs collide and are reused, logs are overwritten or lost, and a status
+column is typed by hand. Here
 
 - a run's id is ``[name-]<config hash[:10]>-s<seed>``, where the hash is sha256 of the canonical JSON of the resolved
   config without ``run.seed`` and ``run.name`` (so seeds of one cell share a hash, and a renamed rerun of an identical

@@ -3,7 +3,8 @@
 A *group* is one experiment: the runs sharing a name and a config hash (the seeds of one suite cell). For each scorer
 (strict, flexible) it holds the step-0 accuracy, the final accuracy and their difference Δ, in points (0-100), each
 an :class:`~quarl.runs.stats.Estimate`: with ≥ 2 seeds a t interval over seeds; with one seed the within-run
-interval (Wilson for an accuracy, paired bootstrap over the ``eval/step-N.jsonl`` problems for Δ).
+interval (Wilson for an accuracy, paired bootstrap over the ``eval/step-N.jsonl`` problems for Δ). A packed record
+(:mod:`quarl.runs.record`) reads into the same :class:`RunSummary` as its run directory, with the same numbers.
 
 Config columns (format, injection point, phase, STE, AQN) are read from each run's resolved ``config.yaml``, never
 from the suite that asked for it: the table reports what ran.

@@ -1,6 +1,6 @@
 """Confidence intervals for comparing runs: over seeds (Student t) and, within one run, paired over problems.
 
-Why (FIELD_NOTES §2 item 10): identical configs spread 53-70% between runs, so a single seed says little. The unit of
+Why: on small testbeds, identical configs can spread 53-70% between seeds, so a single seed says little. The unit of
 replication for "does this config recover accuracy" is the *seed*: each seed gives one value (e.g. final - step-0
 accuracy, in points) and the 95% interval of their mean is the Student t interval
 

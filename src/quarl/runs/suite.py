@@ -1,7 +1,7 @@
 """Suites: a base train config, named cells (overrides, optionally a grid), seeds, and declared expectations.
 
-Why (FIELD_NOTES §2 item 10; the seed researcher's hand-kept E13 table): comparisons were single-seed, and whether a
-variant "recovered" was judged by eye. A suite declares, before anything runs, what each cell is expected to do
+Why: a hand-kept results table compares single seeds and judges by eye whether a
+variant "recovered". A suite declares, before anything runs, what each cell is expected to do
 (``final - step0 >= 3``: recovers at least 3 points; ``final - step0 <= 1``: a control that must not), and the verdict
 is computed from the seeds' 95% confidence interval of that quantity (points, 0-100):
 
@@ -16,7 +16,7 @@ Format (strict: an unknown key is an error naming the nearest valid key)::
     # quarl suite suites/example.yaml
     name: example                     # [A-Za-z0-9_.-]+
     description: what the study asks
-    base: ../configs/testbed.yaml     # a train config path (relative to this file) or an inline mapping
+    base: train.yaml                  # a train config path (relative to this file) or an inline mapping
     seeds: [0, 1, 2]                  # or a count N (= 0..N-1)
     metric: strict                    # scorer the expectations use: strict | flexible
     grid: {}                          # dotted key -> list of values, crossed with every cell

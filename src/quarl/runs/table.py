@@ -1,4 +1,4 @@
-"""The table the seed researcher kept by hand, computed: one row per experiment, mean ± 95% CI over seeds.
+"""The results table of a study, computed instead of kept by hand: one row per experiment, mean ± 95% CI over seeds.
 
 Columns: ID, description, format, injection point, phase, STE, AQN, validation accuracy at step 0 and final (strict
 and flexible), Δ = final - step 0 (of the suite's scorer), n (finished seeds), status (PASSED / FAILED /
