@@ -103,3 +103,19 @@ def test_readme_layering_line_names_every_ranked_package():
     line = next(ln for ln in (ROOT / "README.md").read_text().split("\n\n") if ln.startswith("Imports run one way"))
     missing = [name for name in RANK if not re.search(rf"(?<![\w.]){re.escape(name)}\b", line)]
     assert not missing, f"the README's layering line omits {missing}"
+
+
+def test_example_config_variants_in_its_header_load():
+    """Each `--set` variant the shipped example documents in its header is a valid override of it."""
+    from quarl.rl.config import load_config
+
+    path = ROOT / "src/quarl/assets/configs/testbed_w4a4.yaml"
+    header = [ln for ln in path.read_text().splitlines() if ln.startswith("#")]
+    variants = [re.findall(r"--set (\S+)", ln) for ln in header if "--set" in ln]
+    assert variants, "the example documents its variants as --set overrides"
+    for overrides in variants:
+        cfg = load_config(path, overrides)
+        for item in overrides:
+            key, value = item.split("=", 1)
+            block, field = key.split(".")
+            assert str(getattr(getattr(cfg, block), field)) == value, item
