@@ -13,7 +13,8 @@ import logging
 import sys
 
 # Subcommand modules, in the order they appear in ``quarl --help``.
-_SUBCOMMANDS = ("demo", "train", "suite", "runs", "table", "plot", "formats", "diagnose", "eval", "quantize", "testbed")
+_SUBCOMMANDS = ("demo", "train", "suite", "runs", "table", "plot", "formats", "diagnose", "eval", "quantize", "calibrate",
+               "testbed")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ class LayerRow:
     weight: dict[str, float]  # rel_err, sqnr_db, zero_frac, amax, outlier (empty when not injected)
     input: dict[str, float]
     output: dict[str, float]
+    input_scale: str = ""  # activation-scale mode bound to the input, e.g. "static (calibrated amax 3.2)"; "" = none
 
 
 @dataclass
@@ -78,6 +79,9 @@ class DiagnoseReport:
             lines.append(f"reference-answer NLL: clean {self.nll_clean:.4f} -> injected {self.nll_injected:.4f} "
                          f"nats/token")
         lines.append(f"hook fires by phase: {self.fires_by_phase}")
+        scales = _input_scales(self.layers)
+        if scales:
+            lines.append(f"activation scales: {scales}")
         lines += ["", _layer_table(self.layers)]
         if self.grad_phase is not None:
             lines += ["", f"gradient flow ({self.grad_phase}): {self.grad_checked} inputs/params checked, "
@@ -109,6 +113,20 @@ def _layer_table(rows: list[LayerRow]) -> str:
                    f"{_fmt(r.weight, 'outlier', '6.1f')} {_fmt(x, 'rel_err', '7.4f')} {_fmt(x, 'sqnr_db', '7.2f')} "
                    f"{_fmt(x, 'zero_frac', '7.3f')} {_fmt(x, 'amax', '8.3g')} {_fmt(x, 'outlier', '6.1f')}")
     return "\n".join(out)
+
+
+def _input_scales(rows: list[LayerRow]) -> str:
+    """Summary of the input scale modes applied: ``"static (calibrated amax 3.2) on 1 module, ..."``, or the one
+    mode shared by every module (static amaxes differ per module, so they are summarized as a range)."""
+    modes = [r.input_scale for r in rows if r.input_scale]
+    if not modes:
+        return ""
+    static = [float(m.rpartition(" ")[2].rstrip(")")) for m in modes if m.startswith("static (calibrated amax ")]
+    other = sorted({m for m in modes if not m.startswith("static (")})
+    parts = [f"{m} on {modes.count(m)} modules" for m in other]
+    if static:
+        parts.append(f"static (calibrated amax {min(static):.4g} .. {max(static):.4g}) on {len(static)} modules")
+    return ", ".join(parts)
 
 
 def _sens_table(rows: list[SensitivityRow]) -> str:

@@ -42,7 +42,8 @@ def _layer_rows(model: nn.Module, stats: dict[str, dict], grad_stats: dict[str, 
         for phase, n in grad_stats.get(name, {}).get("fires", {}).items():
             fires[phase] = fires.get(phase, 0) + n
         rows.append(LayerRow(name, type(model.get_submodule(name)).__name__, fires,
-                             st.get("weight", {}), st.get("input", {}), st.get("output", {})))
+                             st.get("weight", {}), st.get("input", {}), st.get("output", {}),
+                             st.get("input_scale", "")))
     return rows
 
 
@@ -56,7 +57,10 @@ def _injected_forward(model: nn.Module, spec: InjectionSpec, batch: Batch, phase
         if missing:
             report_errors.append(f"{len(missing)} declared injections never fired in phase {phase.value!r}: "
                                  f"{', '.join(missing[:10])}")
-        return logits, inj.stats()
+        stats = inj.stats()
+        for fqn, mode in inj.input_scales().items():  # the activation-scale mode each hook actually bound
+            stats[fqn]["input_scale"] = mode
+        return logits, stats
     finally:
         inj.detach()
 

@@ -45,6 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quarl.inject.activations import inject_input, inject_output
 from quarl.inject.errors import ErrorModel, module_seed
+from quarl.inject.input_scale import InputScales
 from quarl.inject.experts import check_experts, install_experts
 from quarl.inject.select import is_experts, select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
@@ -84,7 +85,8 @@ def in_backward() -> bool:
 _graph_task_id = torch._C._current_graph_task_id  # bound once: it runs in every hook call
 
 
-def activation_fn(error: ErrorModel, generator: _Rng) -> Callable[[torch.Tensor], torch.Tensor]:
+def activation_fn(error: ErrorModel, generator: _Rng,
+                  global_amax: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x -> error(x, generator(x.device))`` with the same values and gradient semantics, resolved once.
 
     Formats go through ``quarl.formats.fake_quantizer`` (format and native kernel bound at attach time: the per-call
@@ -95,9 +97,9 @@ def activation_fn(error: ErrorModel, generator: _Rng) -> Callable[[torch.Tensor]
         return lambda x: error(x, generator(x.device))
     from quarl.formats import fake_quantizer
 
-    if error.use_ste:
-        return fake_quantizer(error.fmt, ste=error.ste)
-    fq = fake_quantizer(error.fmt)
+    if error.use_ste:  # global_amax: a static input scale (`quarl.inject.input_scale`)
+        return fake_quantizer(error.fmt, ste=error.ste, global_amax=global_amax)
+    fq = fake_quantizer(error.fmt, global_amax=global_amax)
     return lambda x: fq(x.detach())
 
 
@@ -128,7 +130,7 @@ class _ModuleInjection:
                                    verify=injector.verify_weight_cache) if self.point.weight else None)
         self._input = self.point.input
         self._output = self.point.output
-        apply_in = activation_fn(error, self.rng["input"])
+        apply_in = injector._input_scales.function(fqn, activation_fn, self.rng["input"])  # input_scale mode
         self._apply_input = (lambda x: injector._shared_input(x, apply_in)) if error.deterministic else apply_in
         self._apply_output = activation_fn(error, self.rng["output"])
         self._active = False
@@ -206,7 +208,7 @@ class Injector:
         self._bypassed = False  # inside `bypassed()`: every forward passes through, whatever the phase
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._modules: dict[str, _ModuleInjection] = {}
-        self._last_input: tuple[torch.Tensor, tuple, torch.Tensor, dict] | None = None  # see _shared_input
+        self._last_input: tuple[torch.Tensor, tuple, torch.Tensor, dict, Callable] | None = None  # _shared_input
         self.set_phase(phase)
         self._install()
         self._handles.append(_optimizer_step_hook(self))
@@ -227,6 +229,7 @@ class Injector:
     def _install_linears(self) -> None:
         selected = select_modules(self.model, self.spec)
         error = ErrorModel.from_spec(self.spec)
+        self._input_scales = InputScales(self.spec, error, selected)
         point = self.spec.injection_point
         for fqn, module in selected:
             weight = getattr(module, "weight", None)
@@ -259,10 +262,10 @@ class Injector:
         writes and the grad mode is part of the key (a no-grad result has no STE node)."""
         key = (x._version, torch.is_grad_enabled())
         hit = self._last_input
-        if hit is not None and hit[0] is x and hit[1] == key:
+        if hit is not None and hit[0] is x and hit[1] == key and hit[4] is apply:
             return hit[2]
         q = apply(x)
-        self._last_input = (x, key, q, {})  # the dict caches the telemetry row of this pair
+        self._last_input = (x, key, q, {}, apply)  # the dict caches the telemetry row of this pair
         return q
 
     def _input_row(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -358,6 +361,13 @@ class Injector:
         """Per module: ``fires`` / ``skipped`` per phase, ``weight_computations``, and per role ('weight',
         'input', 'output') ``rel_err``, ``sqnr_db``, ``zero_frac``, ``amax``, ``outlier``, ``measured``."""
         return {fqn: state.telemetry.summary() for fqn, state in self._modules.items()}
+
+    def input_scales(self) -> dict[str, str]:
+        """Per module whose input is injected: the activation-scale mode actually bound (``input_scale``; static:
+        with its calibrated amax), e.g. ``"static (calibrated amax 3.25)"``, ``"per-token global scale"``."""
+        if not hasattr(self, "_input_scales") or not self.spec.injection_point.input:
+            return {}
+        return dict(self._input_scales.modes)
 
     def never_fired(self, phase: Phase | str | None = None) -> list[str]:
         """Modules whose injection never fired (in ``phase``, or in any phase)."""

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from quarl import configio
+from quarl.inject import input_scale
 from quarl.inject.kvspec import AttentionSpec, KVCacheSpec
 
 
@@ -122,6 +123,8 @@ class InjectionSpec:
     quantize_lm_head: bool = False  # the output head is never touched without this explicit opt-in
     error_scale: float | None = None  # sigma / bias / deadzone threshold for the noise models
     seed: int = 0  # seeds the noise models (one generator per module, derived from seed and module name)
+    input_scale: str = "dynamic"  # linear-input scale: dynamic | static (input_amax) | per_token (inject/input_scale.py)
+    input_amax: dict = field(default_factory=dict)  # static: {module name: calibrated input amax} (quarl calibrate)
     kv_cache: KVCacheSpec | None = None  # K (after RoPE) and V as a quantized KV cache stores them (kvspec)
     attention: AttentionSpec | None = None  # low-precision query / softmax probabilities (kvspec)
 
@@ -134,6 +137,7 @@ class InjectionSpec:
         set_("injection_point", _enum(InjectionPoint, self.injection_point or "weight", "injection_point"))
         set_("apply_during", _enum(ApplyDuring, self.apply_during, "apply_during"))
         self._validate_error()
+        input_scale.validate(self)
         self._validate_selection()
 
     # --- types --------------------------------------------------------------------------------------------------
@@ -221,6 +225,10 @@ class InjectionSpec:
     def is_noise(self) -> bool:
         """True for the gaussian / bias / deadzone models, False for quarl.formats fake quantization."""
         return self.error_type in NOISE_MODELS
+
+    def input_format_options(self) -> dict[str, Any]:
+        """Extra ``get_format`` options of the input format for ``input_scale`` (see `quarl.inject.input_scale`)."""
+        return input_scale.format_options(self)
 
     def replace(self, **changes: Any) -> InjectionSpec:
         """A copy with some fields changed (the scheme is dropped: the copy carries the expanded fields)."""
