@@ -30,8 +30,11 @@ How it enters, through the library's own extension points (no model code is patc
   implementation and removes the registration.
 
 Input scales are dynamic per expert (each expert's routed tokens form one tensor), as quarl's linear inputs are per
-call. Expert-parallel containers, parametrized expert weights (PEFT ``target_parameters``) and two activation
-injections on one model at once are refused at attach time.
+call. LoRA on the expert weights (PEFT's ``ParamWrapper``, which PEFT's ``all-linear`` applies to experts containers)
+parametrizes them as ``W + B A`` during its forward: quarl quantizes ``W`` underneath, so the forward uses
+``e(W) + B A`` with the adapter in full precision, as for a LoRA linear (the expert's input quantization then covers
+the adapter's matmul too). Expert-parallel containers and two activation injections on one model at once are
+refused at attach time.
 """
 
 from __future__ import annotations
@@ -52,10 +55,23 @@ from quarl.inject.weights import WeightCache
 DISPATCH_PREFIX = "quarl_experts_"
 
 
-def expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The 3-D expert weight parameters of an experts container, by name (``gate_up_proj``, ``down_proj``...)."""
-    return {n: module._parameters[n] for n in EXPERT_WEIGHTS
-            if isinstance(module._parameters.get(n), torch.Tensor) and module._parameters[n].dim() == 3}
+def expert_weights(module: nn.Module) -> list[str]:
+    """The names of the 3-D expert weights of an experts container (``gate_up_proj``, ``down_proj``...)."""
+    return [n for n in EXPERT_WEIGHTS if isinstance(getattr(module, n, None), torch.Tensor)
+            and getattr(module, n).dim() == 3]
+
+
+def _slot(module: nn.Module, name: str) -> dict[str, Any]:
+    """The ``_parameters`` dict and key holding expert weight ``name``: the module's own entry, or, while the weight
+    is parametrized (PEFT's ``ParamWrapper`` LoRA on expert weights registers ``W + B A`` for its forward), the
+    parametrization's ``original``, so the forward computes ``e(W) + B A`` (the adapter stays unquantized)."""
+    if name in module._parameters:
+        return module._parameters, name
+    parametrizations = getattr(module, "parametrizations", {})
+    if name in parametrizations:
+        return parametrizations[name]._parameters, "original"
+    raise RuntimeError(f"quarl.inject: expert weight {name!r} of {type(module).__name__} is neither a parameter nor "
+                       "a parametrized one; cannot inject it")
 
 
 def in_features(module: nn.Module, name: str) -> int:
@@ -96,7 +112,7 @@ class ExpertWeights:
         self.caches = {n: WeightCache(per_expert, telemetry, generator, name=f"{name}.{n}", epoch=epoch,
                                       verify=verify) for n in expert_weights(module)}
         self._telemetry = telemetry
-        self._saved: dict[str, nn.Parameter] = {}
+        self._saved: list[tuple[dict, str, nn.Parameter]] = []  # (parameters dict, key, Parameter) while swapped
 
     @property
     def telemetry(self) -> ModuleTelemetry:
@@ -113,14 +129,14 @@ class ExpertWeights:
         if self._saved:  # re-entrant call: already swapped
             return
         for n, cache in self.caches.items():
-            param = module._parameters[n]
-            self._saved[n] = param
-            module._parameters[n] = cache.effective(param)
+            params, key = _slot(module, n)
+            self._saved.append((params, key, params[key]))
+            params[key] = cache.effective(params[key])
 
     def swap_out(self, module: nn.Module) -> None:
         """Put the original Parameters back (no-op when nothing is swapped in)."""
-        for n, param in self._saved.items():
-            module._parameters[n] = param
+        for params, key, param in self._saved:
+            params[key] = param
         self._saved.clear()
 
     def clear(self) -> None:
@@ -239,10 +255,6 @@ def check_experts(selected: list[tuple[str, nn.Module]], error: ErrorModel, poin
         where = f"{fqn} ({type(module).__name__})"
         if getattr(module, "_is_expert_parallel", False):
             raise ValueError(f"{where}: expert-parallel experts are not supported by quarl's per-expert injection")
-        parametrized = [n for n in EXPERT_WEIGHTS if n in getattr(module, "parametrizations", {})]
-        if parametrized:
-            raise ValueError(f"{where}: the expert weights {parametrized} are parametrized (PEFT target_parameters "
-                             "LoRA?); quarl cannot swap them: put LoRA on the attention / shared-expert linears")
         if (point.input or point.output) and str(module.config._experts_implementation).startswith(DISPATCH_PREFIX):
             raise ValueError(f"{where}: another quarl injection with activation error is attached to these "
                              "experts; detach it first (one activation injection per MoE model)")
