@@ -11,7 +11,7 @@ intervals need, in a directory that can be committed (``quarl runs pack RUN_DIR.
      "finished", "step": 80, "total_steps": 80, "created_utc": "...", "wall_s": 1773.0, "env": {...}}   exactly once
     {"kind": "eval", "step": 0, "n": 1000, "problems": "<sha256>", "strict": "<base64>", "flexible": "<base64>",
      "metrics": {"val/acc_strict": 0.546, "val/n": 1000, ...}}                            one per validation, by step
-    {"kind": "train", "key": "reward/mean", "steps": [1, 2, ...], "values": [0.4219, ...]}  one per training metric
+    {"kind": "train", "key": "reward/mean", "steps": [[1, 80]], "values": [0.4219, ...]}   one per training metric
 
 Per-problem correctness (``strict`` / ``flexible``): the validation's problem ids are put in sorted order (Python
 ``str`` order); bit ``i`` is set when the ``i``-th id was answered correctly; bits are packed little-endian within
@@ -20,7 +20,8 @@ sha256 hex digest of the sorted ids joined by ``"\\n"``: two validations are pai
 their ``problems`` match, which is what :func:`quarl.runs.stats.paired_difference` needs. ``metrics`` is the run's
 own ``metrics.jsonl`` row of that validation step (the ``val/*`` keys), unchanged, so accuracies are exactly those
 the run logged. Training metrics keep :data:`TRAIN_KEYS` only, rounded to 4 significant digits (the curves' panels
-and the usual diagnostics); every other per-step key is dropped.
+and the usual diagnostics); every other per-step key is dropped. A training line's ``steps`` are inclusive ranges
+``[first, last]`` of consecutive steps, in order; ``values`` has one entry per step they cover.
 
 Only finished runs are packed. Reading is strict: an unknown key, a missing key, a bitset whose length or count does
 not match ``n`` and the logged accuracy, or a format version this code does not know is an error.
@@ -92,6 +93,32 @@ def decode_bits(text: str, n: int) -> np.ndarray:
 def problem_set_hash(ids: Sequence[str]) -> str:
     """sha256 hex of the sorted problem ids joined by newlines: the identity of a validation set."""
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def step_ranges(steps: Sequence[int]) -> list[list[int]]:
+    """Increasing steps -> inclusive ``[first, last]`` ranges of consecutive steps.
+
+    >>> step_ranges([1, 2, 3, 5, 7, 8])
+    [[1, 3], [5, 5], [7, 8]]
+    """
+    out: list[list[int]] = []
+    for s in steps:
+        if out and s == out[-1][1] + 1:
+            out[-1][1] = s
+        else:
+            out.append([s, s])
+    return out
+
+
+def expand_ranges(ranges: Sequence[Sequence[int]]) -> list[int]:
+    """The inverse of :func:`step_ranges`; raises ValueError for ranges that are malformed or not increasing."""
+    steps: list[int] = []
+    for r in ranges:
+        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) for x in r) or r[0] > r[1]
+                or (steps and r[0] <= steps[-1])):
+            raise ValueError(f"steps: {r!r} is not an increasing [first, last] range")
+        steps.extend(range(r[0], r[1] + 1))
+    return steps
 
 
 def _round4(x: float) -> float:
@@ -211,9 +238,14 @@ def read_record(path: Path) -> Record:
                 raise ValueError(f"{where}: a second validation at step {obj['step']}")
             evals[obj["step"]] = _parse_eval(obj, where)
         else:
-            if obj["key"] in train or len(obj["steps"]) != len(obj["values"]):
-                raise ValueError(f"{where}: training key {obj['key']!r} repeated or steps / values of unequal length")
-            train[obj["key"]] = (list(obj["steps"]), [math.nan if v is None else float(v) for v in obj["values"]])
+            try:
+                steps = expand_ranges(obj["steps"])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
+            if obj["key"] in train or len(steps) != len(obj["values"]):
+                raise ValueError(f"{where}: training key {obj['key']!r} repeated, or {len(steps)} steps for "
+                                 f"{len(obj['values'])} values")
+            train[obj["key"]] = (steps, [math.nan if v is None else float(v) for v in obj["values"]])
     if header is None:
         raise ValueError(f"{file}: empty record")
     config = yaml.safe_load((path / "config.yaml").read_text()) or {}
@@ -277,7 +309,7 @@ def record_lines(run_dir: Path) -> list[dict]:
         pts = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float))
                and not isinstance(r.get(key), bool)]
         if pts:
-            train.append({"kind": "train", "key": key, "steps": [s for s, _ in pts],
+            train.append({"kind": "train", "key": key, "steps": step_ranges([s for s, _ in pts]),
                           "values": [None if math.isnan(v) else _round4(v) for _, v in pts]})
     return [header, *evals, *train]
 
