@@ -119,6 +119,8 @@ def _edit_line(dest, index, edit):
     (1, lambda o: o.update(n=41), "bytes|beyond"),
     (1, lambda o: o["metrics"].update({"val/acc_strict": 0.5}), "logged val/acc_strict"),
     (-1, lambda o: o.update(kind="trian"), "kind is one of"),
+    (-1, lambda o: o.update(steps=[[5, 1]]), "increasing"),
+    (-1, lambda o: o.update(values=o["values"][:-1]), "steps for"),
 ])
 def test_reading_is_strict(tmp_path, index, edit, match):
     dest, _ = K.pack_run(_run(tmp_path), tmp_path / "ev", "r")
