@@ -24,7 +24,8 @@ VARIANTS = [(n, {}) for n in NAMES] + [
     ("mxfp4", {"rounding": "half_away"}), ("mxfp8_e4m3", {"profile": "compressed_tensors"}),
     ("nvfp4", {"profile": "torchao"}), ("nvfp4", {"profile": "transformer_engine"}), ("nvfp4", {"block_2d": True}),
     ("nvfp4", {"hadamard": True}), ("mxfp4", {"axis": 0}), ("int8", {"granularity": "per_tensor"}),
-    ("int4", {"group_size": 32}), ("fp8_e4m3", {"granularity": "per_token"}), ("mxfp4", {"rounding": "stochastic", "seed": 3}),
+    ("int4", {"group_size": 32}), ("fp8_e4m3", {"granularity": "per_token"}), ("nvfp4", {"profile": "vllm"}),
+    ("nvfp4", {"tensor_scale": "per_token"}), ("mxfp4", {"rounding": "stochastic", "seed": 3}),
 ]
 
 

@@ -10,7 +10,7 @@ import torch
 from quarl.formats import FORMATS, dequantize, fake_quantize, get_format, quantize
 
 DEFAULTS = list(FORMATS)
-NV_PROFILES = ["compressed_tensors", "torchao", "transformer_engine"]
+NV_PROFILES = ["compressed_tensors", "torchao", "transformer_engine", "vllm"]
 
 
 def _rows(n_rows=4, n=64, seed=0):

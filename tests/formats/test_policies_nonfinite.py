@@ -17,6 +17,7 @@ from _adversarial import FINITE, nonfinite
 from compressed_tensors.quantization.utils import generate_gparam
 from test_xcheck_compressed_tensors import _ct_nvfp4
 from test_xcheck_torchao import _ao_nvfp4
+from _vllm_reference import ref_nvfp4_quant_dequant
 from test_xcheck_transformer_engine import _te_nvfp4
 
 from quarl.formats import NonFinite, dequantize, fake_quantize, get_format, quantize
@@ -35,6 +36,8 @@ def _reference(profile: str, x: torch.Tensor) -> torch.Tensor:
         return _ct_nvfp4(x)["fq"]
     if profile == "torchao":
         return _ao_nvfp4(x)["deq"]
+    if profile == "vllm":  # vLLM serves the global scale compressed-tensors computed (its input_global_scale)
+        return ref_nvfp4_quant_dequant(x.clone(), _ct_nvfp4(x)["gs"].to(torch.float32))
     return _te_nvfp4(x)["deq"]
 
 
@@ -52,7 +55,7 @@ def _inputs() -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("profile", ["compressed_tensors", "torchao", "transformer_engine"])
+@pytest.mark.parametrize("profile", ["compressed_tensors", "torchao", "transformer_engine", "vllm"])
 def test_reference_policy_reproduces_each_reference(profile):
     fmt = get_format("nvfp4", profile=profile)
     assert fmt.nonfinite is NonFinite.REFERENCE  # the default
@@ -110,7 +113,7 @@ def test_block_policy_is_explicit_and_block_local():
     x = FINITE["normal"](rows=4, cols=64, seed=0)
     clean = fake_quantize(x, "nvfp4", nonfinite="block")
     x[1, 5] = float("inf")
-    for profile in ("compressed_tensors", "torchao", "transformer_engine"):
+    for profile in ("compressed_tensors", "torchao", "transformer_engine", "vllm"):
         y = fake_quantize(x, "nvfp4", profile=profile, nonfinite="block")
         assert bool(torch.isnan(y[1, :16]).all()) and int(torch.isnan(y).sum()) == 16, profile
     y = fake_quantize(x, "nvfp4", nonfinite="block")

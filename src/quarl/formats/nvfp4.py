@@ -59,9 +59,12 @@ Policies:
     torchao              pts = NaN: the whole tensor NaN             pts = Inf, dq = Inf, 0 * Inf: all NaN
     transformer_engine   S_enc = NaN: the whole tensor NaN           S_enc = 1, dq = s8 * Inf: every element
                                                                      +-Inf (nonzero code) or NaN (code 0)
+    vllm                 gs = 1 (compressed-tensors' factor): the    gs = 0, y = q * (s8 / 0): the whole
+                         NaN block NaN, the others as if T = 2688    tensor NaN
     ===================  ==========================================  ==========================================
 
-    compressed-tensors 0.20 and torchao 0.18 are run on such inputs in tests/formats/test_policies_nonfinite.py;
+    compressed-tensors 0.20 and torchao 0.18 are run on such inputs in tests/formats/test_policies_nonfinite.py
+    (vllm: the vLLM transcription fed compressed-tensors' own global scale);
     TE is compared with the transcription of its PyTorch reference (its CUDA kernel's ``fminf`` would turn a NaN
     amax into S_enc = FLT_MAX instead; not reproduced). With a static ``global_amax`` the block formulas run on the
     NaN / Inf elements themselves (compressed_tensors: an Inf saturates to +-6 * eff, a NaN makes its block NaN).
