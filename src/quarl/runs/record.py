@@ -354,8 +354,10 @@ def pack_run(run_dir: Path, into: Path, name: str | None = None) -> tuple[Path, 
 
 
 def list_records(root: Path) -> list[Path]:
-    """Record directories directly under ``root`` (or ``root`` itself), sorted by name."""
-    root = Path(root)
-    if is_record(root):
-        return [root]
-    return sorted(p for p in root.iterdir() if p.is_dir() and is_record(p)) if root.is_dir() else []
+    """Record directories at any depth under ``root`` (or ``root`` itself), sorted by path."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if RECORD_FILE in filenames:
+            dirnames.clear()
+            found.append(Path(dirpath))
+    return sorted(found)
