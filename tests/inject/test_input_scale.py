@@ -182,3 +182,12 @@ def test_static_ste_gradient_reaches_the_input():
     with attach(model, InjectionSpec(scheme="NVFP4", input_scale="static", input_amax=AMAX)):
         model(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_operator_level_injection_refuses_non_dynamic_modes():
+    from quarl.inject import inject_ops
+
+    for spec in (InjectionSpec(scheme="NVFP4", input_scale="per_token"),
+                 InjectionSpec(scheme="NVFP4", input_scale="static", input_amax=AMAX)):
+        with pytest.raises(ValueError, match="inject_ops does not implement input_scale"):
+            inject_ops(spec, model=_model())

@@ -128,6 +128,9 @@ class OpInjector(TorchFunctionMode):
             raise ValueError(f"inject_ops: apply_during={spec.apply_during.value!r} needs an explicit phase")
         self.model = model
         self.selected = select_modules(model, spec) if model is not None else []  # raises on zero matches
+        if spec.input_scale != "dynamic":  # never a silent dynamic scale: the per-module modes live in attach()
+            raise ValueError(f"inject_ops does not implement input_scale={spec.input_scale!r}; use attach(model, "
+                             "spec), which binds static / per-token input scales per module")
         self.error = ErrorModel.from_spec(spec)
         self.telemetry = {op: ModuleTelemetry() for op in ("linear", "matmul")}
         self.routed = {op: Counter() for op in ("linear", "matmul")}  # 'not_selected' / 'unattributed' calls
