@@ -21,6 +21,9 @@ Steps:
 5. write ``model.safetensors`` (non-quantized tensors as they are; a tied ``lm_head.weight`` is dropped as
    ``save_pretrained`` does), ``config.json`` with ``quantization_config`` (`CheckpointScheme.quantization_config`),
    the generation config and the tokenizer.
+
+Mixture-of-experts models (transformers' fused 3-D experts) are written in the per-expert on-disk layout vLLM loads,
+every expert quantized as its own linear layer and the routers kept dense; see `quarl.checkpoint.moe`.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from tqdm.auto import tqdm
 
 from quarl.formats import quantize
 
+from . import moe
 from .codec import compress_weight, stored_bytes
 from .schemes import CheckpointScheme
 
@@ -156,6 +160,10 @@ def export_checkpoint(model: nn.Module, tokenizer: Any, scheme: CheckpointScheme
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; checkpoints are never overwritten")
+    experts = moe.has_experts(model)
+    if experts:
+        moe.check_scheme(scheme)
+        ignore = tuple(ignore) + tuple(p for p in moe.router_ignore(model) if p not in ignore)
     targets = quantizable_modules(model, ignore)
     if not targets:
         raise ValueError(f"no nn.Linear module to quantize in {type(model).__name__} (ignore={list(ignore)})")
@@ -167,17 +175,28 @@ def export_checkpoint(model: nn.Module, tokenizer: Any, scheme: CheckpointScheme
     fuse = scheme.fused_global_scales if fuse_global_scales is None else fuse_global_scales
     joint, n_groups = fused_weight_amax(targets) if fuse and scheme.weight_format == "nvfp4" else ({}, 0)
     tensors, packed_bytes, params = {}, 0, 0
+    weights = [f"{fqn}.weight" for fqn, _ in targets]
+    disk = moe.disk_names(model, weights) if experts else {w: w for w in weights}  # Mixtral: mlp -> block_sparse_moe
     for fqn, module in tqdm(targets, desc=f"quantize {scheme.name}", disable=not progress, unit="layer"):
         local = compress_weight(module.weight, scheme, joint.get(fqn))
         packed_bytes += stored_bytes(local)
         params += module.weight.numel()
         if fqn in input_amax:
             local.update(_input_tensors(scheme, input_amax[fqn]))
-        tensors.update({f"{fqn}.{k}": v for k, v in local.items()})
-    quantized = {f"{fqn}.weight" for fqn, _ in targets}
+        prefix = disk[f"{fqn}.weight"].removesuffix(".weight")
+        tensors.update({f"{prefix}.{k}": v for k, v in local.items()})
+    quantized = set(disk.values())
+    state = moe.on_disk_state(model) if experts else model.state_dict()
+    n_modules = len(targets)
+    if experts:
+        expert_tensors, keys, expert_params, expert_bytes, expert_groups = moe.compress_experts(state, scheme, fuse)
+        tensors.update(expert_tensors)
+        quantized |= set(keys)
+        n_modules, params, packed_bytes = n_modules + len(keys), params + expert_params, packed_bytes + expert_bytes
+        n_groups += expert_groups
     seen: dict[int, str] = {}
     dense_params = 0
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if name in quantized:
             continue
         ptr = tensor.data_ptr()
@@ -192,7 +211,7 @@ def export_checkpoint(model: nn.Module, tokenizer: Any, scheme: CheckpointScheme
     _write_config(model, scheme, out, ignore)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    report = ExportReport(out, scheme.name, len(targets), params, packed_bytes, 2 * params,
+    report = ExportReport(out, scheme.name, n_modules, params, packed_bytes, 2 * params,
                           stored_bytes(tensors), 2 * (params + dense_params), n_groups)
     logger.info("exported %s: %d modules, %d weight bytes packed vs %d bf16 (%.2fx); file %d bytes",
                 scheme.name, report.modules, packed_bytes, 2 * params, 2 * params / packed_bytes,

@@ -31,6 +31,7 @@ from torch import nn
 from quarl.formats import dequantize
 
 from .codec import weight_quantized
+from .moe import EXPERT_KEY
 from .packed import CompressedLinear
 from .schemes import QUANT_METHOD, CheckpointScheme, scheme_from_config
 
@@ -158,6 +159,12 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None, devic
     model = _build_model(path, dtype)
     dtype = next(model.parameters()).dtype
     tensors = _read_tensors(path)
+    experts = sorted({m["expert"] for k in tensors if (m := EXPERT_KEY.match(k.rsplit(".", 1)[0] + ".weight"))
+                      and not k.endswith(".weight")})
+    if experts:
+        raise ValueError(f"{path}: quantized MoE experts ({experts[0]} ...) in the per-expert layout vLLM serves; "
+                         "quarl's loader does not rebuild fused experts from them (serve it with vLLM, or inject on "
+                         "the unquantized model)")
     targets = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and not _ignored(fqn, ignore)]
     packed = bf16 = 0
     for fqn, linear in targets:

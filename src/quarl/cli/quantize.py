@@ -66,9 +66,13 @@ def _run(args: argparse.Namespace) -> int:
     except (ModelNotFoundError, ValueError, OSError) as exc:
         print(f"quarl quantize: {exc}", file=sys.stderr)
         return 2
-    report = export_checkpoint(model, tokenizer, scheme, args.out, calibration=calibration, ignore=args.ignore,
-                               fuse_global_scales=None if not args.no_fuse_global_scales else False,
-                               progress=not args.no_progress)
+    try:
+        report = export_checkpoint(model, tokenizer, scheme, args.out, calibration=calibration, ignore=args.ignore,
+                                   fuse_global_scales=None if not args.no_fuse_global_scales else False,
+                                   progress=not args.no_progress)
+    except ValueError as exc:  # a scheme the model cannot be exported in (e.g. static input scales on MoE experts)
+        print(f"quarl quantize: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {report.out} ({scheme.name}, compressed-tensors {scheme.ct_format})")
     print(f"quantized {report.modules} linear modules ({report.params} weights): {report.packed_bytes} bytes packed "
           f"vs {report.bf16_bytes} bf16 ({report.bf16_bytes / report.packed_bytes:.2f}x)")
