@@ -45,7 +45,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quarl.inject.activations import inject_input, inject_output
 from quarl.inject.errors import ErrorModel, module_seed
-from quarl.inject.input_scale import InputScales
+from quarl.inject.plan import resolve as resolve_plan
+from quarl.inject.rotation import module_rotations
 from quarl.inject.experts import check_experts, install_experts
 from quarl.inject.select import is_experts, select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
@@ -126,11 +127,15 @@ class _ModuleInjection:
         self.telemetry = ModuleTelemetry()
         noisy = spec.is_noise
         self.rng = {role: _Rng(module_seed(spec.seed, f"{fqn}:{role}"), noisy) for role in ("weight", "input", "output")}
-        self.weight = (WeightCache(error, self.telemetry, self.rng["weight"], name=fqn, epoch=_epoch_of(injector, fqn),
-                                   verify=injector.verify_weight_cache) if self.point.weight else None)
+        rotation = injector._rotations.get(fqn)  # e(vR)R^T on weight and input (quarl.inject.rotation)
+        weight_error = rotation.weight_error(error) if rotation else error
+        self.weight = (WeightCache(weight_error, self.telemetry, self.rng["weight"], name=fqn,
+                                   epoch=_epoch_of(injector, fqn), verify=injector.verify_weight_cache)
+                       if self.point.weight else None)
         self._input = self.point.input
         self._output = self.point.output
         apply_in = injector._input_scales.function(fqn, activation_fn, self.rng["input"])  # input_scale mode
+        apply_in = rotation.wrap_input(apply_in) if rotation else apply_in
         self._apply_input = (lambda x: injector._shared_input(x, apply_in)) if error.deterministic else apply_in
         self._apply_output = activation_fn(error, self.rng["output"])
         self._active = False
@@ -227,20 +232,23 @@ class Injector:
                 raise
 
     def _install_linears(self) -> None:
-        selected = select_modules(self.model, self.spec)
-        error = ErrorModel.from_spec(self.spec)
-        self._input_scales = InputScales(self.spec, error, selected)
+        # the plan's per-module formats (quarl.inject.plan); they also bind each module's input_scale mode
+        self._input_scales = formats = resolve_plan(self.model, self.spec, select_modules(self.model, self.spec))
+        selected = formats.selected
         point = self.spec.injection_point
         for fqn, module in selected:
+            error = formats.error(fqn)
             weight = getattr(module, "weight", None)
             if isinstance(weight, torch.Tensor) and weight.dim() == 2:
                 if point.weight or point.input:
                     error.check_shape(weight.shape[1], f"{fqn} ({type(module).__name__})")
                 if point.output:
                     error.check_shape(weight.shape[0], f"{fqn} ({type(module).__name__}) output")
-        check_experts([(f, m) for f, m in selected if is_experts(m)], error, point)
+        for error, group in formats.groups():
+            check_experts([(f, m) for f, m in group if is_experts(m)], error, point)
+        self._rotations = module_rotations(self.spec, selected, formats.error)
         for fqn, module in selected:
-            state = _ModuleInjection(self, fqn, error)
+            state = _ModuleInjection(self, fqn, formats.error(fqn))
             self._modules[fqn] = state
             if is_experts(module):  # fused 3-D MoE experts: per-expert error (quarl.inject.experts)
                 self._handles.extend(install_experts(self, fqn, module, state))
@@ -359,8 +367,16 @@ class Injector:
 
     def stats(self) -> dict[str, dict]:
         """Per module: ``fires`` / ``skipped`` per phase, ``weight_computations``, and per role ('weight',
-        'input', 'output') ``rel_err``, ``sqnr_db``, ``zero_frac``, ``amax``, ``outlier``, ``measured``."""
-        return {fqn: state.telemetry.summary() for fqn, state in self._modules.items()}
+        'input', 'output') ``rel_err``, ``sqnr_db``, ``zero_frac``, ``amax``, ``outlier``, ``measured``, and the
+        ``format`` applied (a plan may give modules another format; `formats` also lists those it keeps unquantized)."""
+        applied = self.formats()
+        return {fqn: {"format": applied.get(fqn, self.spec.error_type), **state.telemetry.summary()}
+                for fqn, state in self._modules.items()}
+
+    def formats(self) -> dict[str, str]:
+        """Per module the spec or its plan names: the format actually applied, or ``"none (plan rule i: ...)"`` for a
+        module the plan keeps in full precision (`quarl.inject.plan`)."""
+        return dict(self._input_scales.applied) if hasattr(self, "_input_scales") else {}
 
     def input_scales(self) -> dict[str, str]:
         """Per module whose input is injected: the activation-scale mode actually bound (``input_scale``; static:

@@ -43,6 +43,8 @@ from typing import Any
 from quarl import configio
 from quarl.inject import input_scale
 from quarl.inject.kvspec import AttentionSpec, KVCacheSpec
+from quarl.inject.plan import PrecisionPlan
+from quarl.inject.rotation import validate as validate_rotation
 
 
 class InjectionPoint(enum.Enum):
@@ -127,17 +129,23 @@ class InjectionSpec:
     input_amax: dict = field(default_factory=dict)  # static: {module name: calibrated input amax} (quarl calibrate)
     kv_cache: KVCacheSpec | None = None  # K (after RoPE) and V as a quantized KV cache stores them (kvspec)
     attention: AttentionSpec | None = None  # low-precision query / softmax probabilities (kvspec)
+    rotation: str = "none"  # none | block | full: randomized Hadamard on both operands (inject/rotation.py)
+    plan: PrecisionPlan | None = None  # per-module full precision / other formats: a preset or rules (inject/plan.py)
 
     def __post_init__(self) -> None:
         self._check_types()
         object.__setattr__(self, "kv_cache", KVCacheSpec.coerce(self.kv_cache, "kv_cache"))
         object.__setattr__(self, "attention", AttentionSpec.coerce(self.attention, "attention"))
+        object.__setattr__(self, "plan", PrecisionPlan.coerce(self.plan))
         self._expand_scheme()
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("injection_point", _enum(InjectionPoint, self.injection_point or "weight", "injection_point"))
         set_("apply_during", _enum(ApplyDuring, self.apply_during, "apply_during"))
         self._validate_error()
         input_scale.validate(self)
+        validate_rotation(self)
+        if self.plan is not None and self.error_type is None:
+            raise ValueError("InjectionSpec.plan overrides the format of injected linears; this spec injects none")
         self._validate_selection()
 
     # --- types --------------------------------------------------------------------------------------------------
