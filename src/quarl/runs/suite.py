@@ -55,6 +55,7 @@ from quarl.runs.stats import Estimate
 _SUITE_KEYS = ("name", "description", "base", "seeds", "metric", "grid", "expect", "cells")
 _CELL_KEYS = ("name", "description", "set", "grid", "expect", "seeds")
 _TERMS = ("final - step0", "final", "step0")
+NO_EXPECTATION = "no expectation declared"  # the reason of a cell that declares none (its status: its runs')
 _EXPECT_RE = re.compile(r"^\s*(final\s*-\s*step0|final|step0)\s*(>=|<=)\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*$")
 
 
@@ -292,7 +293,7 @@ def load_suite(path: str | Path) -> Suite:
 def judge_cell(cell: Cell, estimates: Mapping[str, Estimate], n_finished: int, n_seeds: int) -> tuple[Verdict, str]:
     """A cell's verdict and a one-line reason, from the estimate of each term (``"final - step0"``, ...)."""
     if not cell.expect:
-        return Verdict.INCONCLUSIVE, "no expectation declared"
+        return Verdict.INCONCLUSIVE, NO_EXPECTATION
     if n_finished < n_seeds:
         return Verdict.INCONCLUSIVE, f"{n_finished}/{n_seeds} seeds finished"
     verdicts = [(e, e.judge(estimates[e.term])) for e in cell.expect]

@@ -23,7 +23,7 @@ from quarl.runs.record import is_record, list_records
 from quarl.runs.results import SCORERS, Group, describe_config, group_runs, summarize, summary_dict
 from quarl.runs.runner import PlannedRun
 from quarl.runs.stats import Estimate
-from quarl.runs.suite import Cell, Suite, Verdict, judge_cell
+from quarl.runs.suite import NO_EXPECTATION, Cell, Suite, Verdict, judge_cell
 
 CONFIG_COLUMNS = ("format", "injection", "phase", "ste", "aqn")
 
@@ -131,7 +131,7 @@ def markdown(rows: Sequence[Row], metric: str = "strict", title: str | None = No
     lines += ["", "Validation accuracy in points (0-100), finished runs only; "
                   "`±`: 95% Student t interval over seeds; `[lo, hi]`: one seed's interval over validation problems "
                   f"(evaluation noise only). Intervals used: {', '.join(kinds) or 'none'}."]
-    reasons = [f"- {r.group.key}: {r.reason}" for r in rows if r.reason]
+    reasons = [f"- {r.group.key}: {r.reason}" for r in rows if r.reason and r.reason != NO_EXPECTATION]
     if reasons:
         lines += ["", "Status against the declared expectations:", *reasons]
     return "\n".join(lines) + "\n"
