@@ -24,6 +24,7 @@ RANK = {
     "models": 5,
     "runs": 5,  # experiment registry, tables, plots, suites (reads run directories)
     "rl": 6,  # GRPO + LoRA on TRL (models, runs, eval, noise, inject)
+    "verl": 6,  # quarl inside verl: engine, vLLM worker extension, reward, migration (eval, noise, inject)
     "cli": 7,
     "__main__": 8,
 }
