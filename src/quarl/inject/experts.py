@@ -29,8 +29,9 @@ How it enters, through the library's own extension points (no model code is patc
   phase, ``bypassed()``, or a container the spec did not select). ``detach`` restores the previous
   implementation and removes the registration.
 
-Input scales are dynamic per expert (each expert's routed tokens form one tensor), as quarl's linear inputs are per
-call. LoRA on the expert weights (PEFT's ``ParamWrapper``, which PEFT's ``all-linear`` applies to experts containers)
+Input scales follow ``input_scale``: ``dynamic`` takes one scale per expert per call (each expert's routed tokens
+form one tensor), ``per_token`` one per token row (the same as before the routing split); ``static`` would need
+per-expert calibration and is refused (`quarl.inject.input_scale`). LoRA on the expert weights (PEFT's ``ParamWrapper``, which PEFT's ``all-linear`` applies to experts containers)
 parametrizes them as ``W + B A`` during its forward: quarl quantizes ``W`` underneath, so the forward uses
 ``e(W) + B A`` with the adapter in full precision, as for a LoRA linear (the expert's input quantization then covers
 the adapter's matmul too). Expert-parallel containers and two activation injections on one model at once are
@@ -280,7 +281,8 @@ def install_experts(injector: Any, fqn: str, module: nn.Module, state: Any) -> l
         if dispatch is None:
             dispatch = ExpertsDispatch(module.config)
             handles.append(dispatch)
-        q_in = activation_fn(state.error, state.rng["input"]) if point.input else _identity
+        # the spec's input_scale mode (dynamic per expert, or per token: a row's scale ignores the grouping)
+        q_in = injector._input_scales.function(fqn, activation_fn, state.rng["input"]) if point.input else _identity
         q_out = activation_fn(state.error, state.rng["output"]) if point.output else _identity
         dispatch.add(module, state, q_in, q_out)
     return handles

@@ -9,7 +9,7 @@
                  = 2688 / T, vLLM's W4A4 kernels)
     per_token    one global scale per token row              one scale per token row (granularity per_token)
 
-The calibrated amaxes (``InjectionSpec.input_amax``, one per module, from `quarl.checkpoint.calibrate_spec` /
+The calibrated amaxes (``InjectionSpec.input_amax``, one per module by name, PEFT's wrapping ignored (`canonical`), from `quarl.checkpoint.calibrate_spec` /
 ``quarl calibrate``) are bound at attach time; a module selected by a static spec without a calibrated amax is an
 error, never a silent dynamic scale. The weights are not affected: only the linear input takes the mode.
 
@@ -35,8 +35,17 @@ if TYPE_CHECKING:  # spec.py imports this module (validation); the runtime objec
 
 logger = logging.getLogger(__name__)
 INPUT_SCALES = ("dynamic", "static", "per_token")
+_PEFT_PREFIX, _PEFT_LAYER = "base_model.model.", ".base_layer"
 SCALED_INPUT_FORMATS = ("nvfp4", "fp8_e4m3", "fp8_e5m2")  # the formats with a per-tensor activation scale
 Bind = Callable[..., Callable[[torch.Tensor], torch.Tensor]]  # injector.activation_fn(error, generator, global_amax)
+
+
+def canonical(fqn: str) -> str:
+    """A module's name without PEFT's wrapping (``base_model.model.`` prefix, ``.base_layer`` suffix), so amaxes
+    calibrated on the plain model serve the LoRA-wrapped one (and the reverse)."""
+    if fqn.startswith(_PEFT_PREFIX):
+        fqn = fqn[len(_PEFT_PREFIX):]
+    return fqn[:-len(_PEFT_LAYER)] if fqn.endswith(_PEFT_LAYER) else fqn
 
 
 def validate(spec: InjectionSpec) -> None:
@@ -121,11 +130,12 @@ class InputScales:
         from quarl.inject.select import is_experts
 
         experts = [fqn for fqn, module in selected if is_experts(module)]
-        if experts and spec.input_scale != "dynamic" and spec.injection_point.input:
-            raise ValueError(f"input_scale={spec.input_scale!r} is not implemented for fused MoE experts "
-                             f"({', '.join(experts[:4])}): their per-expert inputs are quantized with a dynamic "
-                             "scale; exclude them or use input_scale='dynamic'")
+        if experts and spec.input_scale == "static" and spec.injection_point.input:
+            raise ValueError(f"input_scale='static' is not implemented for fused MoE experts "
+                             f"({', '.join(experts[:4])}): a static scale per expert needs per-expert calibration; "
+                             "exclude them or use input_scale='dynamic' / 'per_token'")
         selected = [fqn for fqn, _ in selected]
+        self._amax = {canonical(k): v for k, v in spec.input_amax.items()}
         self.spec = spec
         self.error = error
         self.input_error = error
@@ -136,19 +146,19 @@ class InputScales:
         self._bound: dict[float | None, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.modes: dict[str, str] = {}
         if spec.input_scale == "static" and spec.injection_point.input:
-            missing = [fqn for fqn in selected if fqn not in spec.input_amax]
+            missing = [fqn for fqn in selected if canonical(fqn) not in self._amax]
             if missing:
                 raise ValueError(f"input_scale='static' but {len(missing)} selected modules have no calibrated input "
                                  f"amax in input_amax: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; "
                                  "calibrate them (quarl calibrate) or use input_scale='dynamic' / 'per_token'")
-            unused = sorted(set(spec.input_amax) - set(selected))
+            unused = sorted(set(self._amax) - {canonical(fqn) for fqn in selected})
             if unused:
                 logger.warning("quarl.inject: %d calibrated input amaxes belong to no selected module and are unused: "
                                "%s", len(unused), ", ".join(unused[:8]))
 
     def amax(self, fqn: str) -> float | None:
         """The static amax bound to ``fqn`` (None unless ``input_scale='static'``)."""
-        return self.spec.input_amax[fqn] if self.spec.input_scale == "static" else None
+        return self._amax[canonical(fqn)] if self.spec.input_scale == "static" else None
 
     def function(self, fqn: str, bind: Bind, generator) -> Callable[[torch.Tensor], torch.Tensor]:
         """``fqn``'s input error function: ``bind(input_error, amax)`` shared per amax (deterministic formats)."""

@@ -21,6 +21,9 @@ default to **MXFP4** (the fork's primary format), NOT compressed-tensors' ``W4A1
 ``scheme="W4A16", error_type="int4", format_options={"group_size": 128}``. A scheme that contradicts an explicitly
 given field (``scheme="NVFP4", error_type="mxfp4"``, ``scheme="W4A16", injection_point="both"``) raises.
 
+Hardware presets (``hardware="nvidia-b200-nvfp4" | "amd-mi355-mxfp4" | "nvidia-h100-fp8"``, `quarl.inject.hardware`)
+expand the same way into explicit fields -- format, activation-scale mode, KV cache, attention -- before the scheme.
+
 Field types are checked strictly before anything else: a bool must be a real bool (YAML's quoted ``'false'`` is a
 truthy string and would silently turn ``quantize_lm_head`` on), an int is never a bool, a float accepts an int, and
 the tuple fields take a list/tuple of their item type (or one bare item). A wrong type raises a ValueError naming the
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from quarl import configio
-from quarl.inject import input_scale
+from quarl.inject import hardware, input_scale
 from quarl.inject.kvspec import AttentionSpec, KVCacheSpec
 from quarl.inject.plan import PrecisionPlan
 from quarl.inject.rotation import validate as validate_rotation
@@ -131,12 +134,14 @@ class InjectionSpec:
     attention: AttentionSpec | None = None  # low-precision query / softmax probabilities (kvspec)
     rotation: str = "none"  # none | block | full: randomized Hadamard on both operands (inject/rotation.py)
     plan: PrecisionPlan | None = None  # per-module full precision / other formats: a preset or rules (inject/plan.py)
+    hardware: str | None = None  # named chip + serving stack preset: sets the fields above (inject/hardware.py)
 
     def __post_init__(self) -> None:
         self._check_types()
         object.__setattr__(self, "kv_cache", KVCacheSpec.coerce(self.kv_cache, "kv_cache"))
         object.__setattr__(self, "attention", AttentionSpec.coerce(self.attention, "attention"))
         object.__setattr__(self, "plan", PrecisionPlan.coerce(self.plan))
+        hardware.expand(self)  # writes its fields explicitly (a conflicting explicit field raises)
         self._expand_scheme()
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("injection_point", _enum(InjectionPoint, self.injection_point or "weight", "injection_point"))
@@ -239,9 +244,9 @@ class InjectionSpec:
         return input_scale.format_options(self)
 
     def replace(self, **changes: Any) -> InjectionSpec:
-        """A copy with some fields changed (the scheme is dropped: the copy carries the expanded fields)."""
+        """A copy with some fields changed (scheme and hardware are dropped: the copy carries the expanded fields)."""
         data = self.to_dict()
-        data.update(scheme=None, **changes)
+        data.update(scheme=None, hardware=None, **changes)
         return InjectionSpec(**data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,8 +273,8 @@ class InjectionSpec:
 
 
 _SCALAR_TYPES: dict[str, type] = {"scheme": str, "error_type": str, "use_ste": bool, "quantize_lm_head": bool,
-                                  "error_scale": float, "seed": int}
-_OPTIONAL = ("scheme", "error_type", "error_scale")
+                                  "error_scale": float, "seed": int, "hardware": str}
+_OPTIONAL = ("scheme", "error_type", "error_scale", "hardware")
 _TUPLE_TYPES: dict[str, type] = {"targets": str, "target_classes": str, "exclude": str, "target_layers": int}
 
 
