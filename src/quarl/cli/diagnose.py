@@ -3,6 +3,12 @@
     quarl diagnose --model testbed:tiny --scheme MXFP4 [--json out.json] [--plot out.png] [--sensitivity]
     quarl diagnose --model smollm2 --spec my_spec.yaml --sensitivity block --noise --nll
     quarl diagnose --model ckpt/testbed-nvfp4      # a compressed-tensors checkpoint (see below)
+    quarl diagnose --model testbed:tiny --scheme MXFP4 --sensitivity --plan 0.1 --plan-out plan.yaml
+
+``--plan BUDGET`` proposes a precision plan from the per-module sensitivity ranking: the modules whose quantization
+costs most (KL) kept in ``--plan-format`` (default full precision) while their matmul parameters fit BUDGET, a
+fraction of the selected modules' parameters; it is written as a ``quarl train`` config (``model`` + ``injection``
+with the plan; every other block at its default), to train with as is or to copy the ``injection`` block from.
 
 A compressed-tensors checkpoint (``quarl quantize``, llm-compressor) is loaded with its dequantized weights in plain
 linear layers; its scheme is printed, and without --scheme/--spec/--error-type the diagnosed injection is the
@@ -37,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--injection-point", choices=["weight", "input", "output", "both"], help="where the error enters")
     p.add_argument("--apply-during", default="both", choices=["rollout", "training", "both"], help="phases")
     p.add_argument("--no-ste", action="store_true", help="cut the gradient (reproduces the W4A4 no-STE failure)")
+    p.add_argument("--rotation", choices=["none", "block", "full"], help="randomized Hadamard on both operands")
     # --- inputs ---
     p.add_argument("--prompts", type=Path, help="JSONL ({'prompt', optional 'reference'}) or one prompt per line")
     p.add_argument("--nll", action="store_true", help="score per-token NLL on the built-in reference answers")
@@ -46,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise", action="store_true", help="scan with equal-size relative-gaussian noise instead")
     p.add_argument("--noise-scale", type=float, help="noise sigma for --noise (default: each unit's measured error)")
     p.add_argument("--no-grad-check", action="store_true", help="skip the gradient-flow check")
+    p.add_argument("--plan", type=float, metavar="BUDGET", help="propose a precision plan within BUDGET (fraction "
+                   "of linear parameters) from the layer sensitivity scan")
+    p.add_argument("--plan-format", default="none", help="format of the modules the plan keeps ('none' = full)")
+    p.add_argument("--plan-out", type=Path, default=Path("plan.yaml"), help="where --plan writes its train config")
     p.add_argument("--json", type=Path, help="write the report as JSON")
     p.add_argument("--plot", type=Path, help="write a PNG of per-layer damage")
     p.set_defaults(func=_run)
@@ -55,10 +66,11 @@ def _spec(args: argparse.Namespace):
     from quarl.inject import InjectionSpec
 
     if args.spec:
-        return InjectionSpec.from_yaml(args.spec)
+        spec = InjectionSpec.from_yaml(args.spec)
+        return spec.replace(rotation=args.rotation) if args.rotation else spec
     return InjectionSpec(scheme=args.scheme, error_type=args.error_type, error_scale=args.error_scale,
                          injection_point=args.injection_point, apply_during=args.apply_during,
-                         use_ste=not args.no_ste)
+                         use_ste=not args.no_ste, rotation=args.rotation or "none")
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[str] | None, list[str] | None]:
@@ -93,6 +105,11 @@ def _run(args: argparse.Namespace) -> int:
 
     checkpoint = is_compressed_tensors_dir(args.model)
     explicit = bool(args.spec or args.scheme or args.error_type)
+    if args.plan is not None:
+        if args.sensitivity == "block":
+            print("quarl diagnose: --plan proposes modules: it needs --sensitivity layer", file=sys.stderr)
+            return 2
+        args.sensitivity = "layer"
     try:
         spec = _spec(args) if explicit or not checkpoint else None
         prompts, references = _inputs(args)
@@ -115,4 +132,31 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         print(f"wrote {plot_damage(report, args.plot)}")
+    if args.plan is not None:
+        try:
+            _write_plan(args, model, spec, report)
+        except ValueError as exc:
+            print(f"quarl diagnose: {exc}", file=sys.stderr)
+            return 2
     return 0 if report.ok else 1
+
+
+def _write_plan(args: argparse.Namespace, model, spec, report) -> None:
+    """Propose a plan from the layer ranking and write it as a `quarl train` config (strictly re-loaded)."""
+    from quarl.diagnose.sensitivity import propose_plan
+    from quarl.rl.config import ModelBlock, TrainConfig, load_config
+
+    plan, chosen, share = propose_plan(model, spec, report.sensitivity, args.plan, args.plan_format)
+    cfg = TrainConfig(model=ModelBlock(name=args.model), injection=spec.replace(plan=plan))
+    header = (f"quarl train {args.plan_out}\nproposed by quarl diagnose --sensitivity --plan {args.plan}: "
+              f"{len(chosen)} modules ({share:.2%} of the linear parameters) kept in {_kept(args.plan_format)}, most "
+              "damaging (KL) first")
+    cfg.to_yaml(args.plan_out, header=header)
+    load_config(args.plan_out)  # what quarl train will read
+    print(f"plan: {len(chosen)} modules in {_kept(args.plan_format)} ({share:.2%} of the linear parameters, budget "
+          f"{args.plan:.2%}): {', '.join(chosen[:6])}{' ...' if len(chosen) > 6 else ''}")
+    print(f"wrote {args.plan_out} (quarl train {args.plan_out})")
+
+
+def _kept(fmt: str) -> str:
+    return "full precision" if fmt == "none" else fmt

@@ -28,6 +28,7 @@ class LayerRow:
     input: dict[str, float]
     output: dict[str, float]
     input_scale: str = ""  # activation-scale mode bound to the input, e.g. "static (calibrated amax 3.2)"; "" = none
+    format: str = ""  # the format applied to this module (a precision plan may give it another one)
 
 
 @dataclass
@@ -52,6 +53,7 @@ class DiagnoseReport:
     sensitivity_mode: str | None = None  # e.g. 'layer / quantization', 'block / noise'
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # per module: format applied, or "none (plan rule ...)"
 
     @property
     def ok(self) -> bool:
@@ -82,6 +84,7 @@ class DiagnoseReport:
         scales = _input_scales(self.layers)
         if scales:
             lines.append(f"activation scales: {scales}")
+        lines += _formats(self.formats, s)
         lines += ["", _layer_table(self.layers)]
         if self.grad_phase is not None:
             lines += ["", f"gradient flow ({self.grad_phase}): {self.grad_checked} inputs/params checked, "
@@ -127,6 +130,20 @@ def _input_scales(rows: list[LayerRow]) -> str:
     if static:
         parts.append(f"static (calibrated amax {min(static):.4g} .. {max(static):.4g}) on {len(static)} modules")
     return ", ".join(parts)
+
+
+def _formats(formats: dict[str, str], spec: dict[str, Any]) -> list[str]:
+    """Lines on the formats applied: a summary, then every module whose format is not the spec's (plan overrides)."""
+    if not formats or not spec.get("plan"):
+        return []
+    kinds = [f.split(" (")[0] for f in formats.values()]
+    lines = ["formats applied (precision plan): " + ", ".join(f"{k} on {kinds.count(k)} modules"
+                                                               for k in sorted(set(kinds)))]
+    other = [(m, f) for m, f in formats.items() if f != spec["error_type"]]
+    lines += [f"  {m:44s} {f}" for m, f in other[:40]]
+    if len(other) > 40:
+        lines.append(f"  ... {len(other) - 40} more")
+    return lines
 
 
 def _sens_table(rows: list[SensitivityRow]) -> str:

@@ -43,12 +43,12 @@ def _layer_rows(model: nn.Module, stats: dict[str, dict], grad_stats: dict[str, 
             fires[phase] = fires.get(phase, 0) + n
         rows.append(LayerRow(name, type(model.get_submodule(name)).__name__, fires,
                              st.get("weight", {}), st.get("input", {}), st.get("output", {}),
-                             st.get("input_scale", "")))
+                             st.get("input_scale", ""), st.get("format", "")))
     return rows
 
 
 def _injected_forward(model: nn.Module, spec: InjectionSpec, batch: Batch, phase: Phase,
-                      report_errors: list[str]) -> tuple[torch.Tensor, dict[str, dict]]:
+                      report_errors: list[str], formats: dict[str, str]) -> tuple[torch.Tensor, dict[str, dict]]:
     inj = attach(model, spec, phase=phase)
     try:
         with torch.no_grad():
@@ -60,6 +60,7 @@ def _injected_forward(model: nn.Module, spec: InjectionSpec, batch: Batch, phase
         stats = inj.stats()
         for fqn, mode in inj.input_scales().items():  # the activation-scale mode each hook actually bound
             stats[fqn]["input_scale"] = mode
+        formats.update(inj.formats())  # the format each module actually got (a precision plan may vary it)
         return logits, stats
     finally:
         inj.detach()
@@ -104,10 +105,11 @@ def _run(model: nn.Module, spec: InjectionSpec, batch: Batch, check_gradients: b
     with torch.no_grad():
         ref = logits_of(model, batch)
     errors: list[str] = []
-    logits, stats = _injected_forward(model, spec, batch, phase, errors)
+    formats: dict[str, str] = {}
+    logits, stats = _injected_forward(model, spec, batch, phase, errors, formats)
     kl, top1 = kl_and_top1(ref, logits, batch.attention_mask)
     report = DiagnoseReport(spec.to_dict(), phase.value, int(batch.input_ids.shape[0]), batch.n_tokens, kl, top1,
-                            errors=errors)
+                            errors=errors, formats=formats)
     if batch.answer_mask is not None:
         report.nll_clean = token_nll(ref, batch.input_ids, batch.answer_mask)
         report.nll_injected = token_nll(logits, batch.input_ids, batch.answer_mask)
