@@ -3,6 +3,7 @@
     python benchmarks/rollout.py                                  # testbed, batch 64, 64 new tokens
     python benchmarks/rollout.py --model smollm2 --batch 16 --new-tokens 32
     python benchmarks/rollout.py --percall-only                   # fake_quantize per call vs the linear / a clone
+    python benchmarks/rollout.py --kv-cache fp8_e4m3 --no-percall   # + each variant with an FP8 KV cache
 
 Targets (issue 9): W4A4 generation <= 1.5x the unquantized generation of the same model (goal 1.1x); activation
 fake-quant <= 30 us per call up to 16K elements, <= 0.3x the linear it feeds from hidden 576 up, <= 3x a clone from
@@ -151,6 +152,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--stats-every", type=int, default=16)
     p.add_argument("--percall-only", action="store_true")
+    p.add_argument("--kv-cache", default=None, help="also run each variant with this injection.kv_cache format "
+                   "(fp8_e4m3, nvfp4, ...) and print its cost: the median per-round ratio to the same run without it")
     p.add_argument("--no-percall", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -182,6 +185,11 @@ def bench_rollout(args: argparse.Namespace, device: torch.device) -> None:
         models[label] = copy.deepcopy(model)
         injectors[label] = attach(models[label], InjectionSpec(scheme=scheme), phase="rollout",
                                   stats_every=args.stats_every)
+    if args.kv_cache:  # the same variants with the KV cache quantized (target: <= 1.2x the run without it)
+        for label, scheme in [("unquantized", None), *SCHEMES.items()]:
+            models[f"{label} + KV"] = copy.deepcopy(model)
+            injectors[f"{label} + KV"] = attach(models[f"{label} + KV"], InjectionSpec(
+                scheme=scheme, kv_cache=args.kv_cache), phase="rollout", stats_every=args.stats_every)
     times: dict[str, list[float]] = {k: [] for k in models}
     first: dict[str, float] = {}
 
@@ -196,8 +204,11 @@ def bench_rollout(args: argparse.Namespace, device: torch.device) -> None:
     base = min(times["unquantized"])
     for label, ts in times.items():
         ratio = statistics.median(t / b for t, b in zip(ts, times["unquantized"]))
-        print(f"{label:12s} first {first[label]:7.2f} s | min {min(ts):7.3f} s  {n_tok / min(ts):8.0f} tok/s  "
+        print(f"{label:17s} first {first[label]:7.2f} s | min {min(ts):7.3f} s  {n_tok / min(ts):8.0f} tok/s  "
               f"ratio(min) {min(ts) / base:5.2f}x  ratio(median/round) {ratio:5.2f}x")
+    for label in [k for k in times if k.endswith(" + KV")]:
+        cost = statistics.median(t / b for t, b in zip(times[label], times[label.removesuffix(" + KV")]))
+        print(f"KV cache {args.kv_cache} cost on {label.removesuffix(' + KV')}: {cost:5.2f}x (median per round)")
     for inj in injectors.values():
         inj.check_fired("rollout")
         inj.detach()

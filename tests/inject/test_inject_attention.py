@@ -15,7 +15,9 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 from _tiny_models import TINY, tiny_llama, tiny_qwen2
 from quarl.formats import fake_quantize
 from quarl.inject import InjectionSpec, attach
-from quarl.inject.attention import AttentionInjection, eager_attention
+from quarl.formats.rounding import round_elem
+from quarl.inject.attention import AttentionInjection, TensorQuantizer, eager_attention
+from quarl.inject.kvspec import Calibration, KVScale
 
 ATTN = "model.layers.0.self_attn"
 KV_CASES = [  # (kv_cache, reference quantizer of one (B, H, T, D) tensor, given its calibration amax T)
@@ -294,3 +296,18 @@ def test_second_attention_injector_is_refused_and_a_failed_attach_leaves_no_trac
     inj.detach()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref)  # the refused attach's linear hooks were removed too
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "int8", "int4"])
+def test_static_scale_rounding_is_quarl_formats_rounding_bit_for_bit(fmt):
+    """The static-scale path rounds with torch's cast / round (3 kernels per decode step) instead of round_elem."""
+    quant = TensorQuantizer(fmt, KVScale.TENSOR, Calibration.FIRST_FORWARD, {}, True, "k")
+    g = torch.Generator().manual_seed(0)
+    top = quant.fmt.elem_max
+    grid = torch.linspace(-1.2 * top, 1.2 * top, 40001)  # every binade, ties included, and saturation
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 2.0 ** -10, -2.0 ** -12, 0.5, -2.5])
+    v = torch.cat([grid, torch.randn(10000, generator=g) * top / 4, special])
+    ours, ref = quant._round(v), round_elem(v, quant.fmt.elem, quant.fmt.rounding)
+    nan = ref.isnan()
+    assert torch.equal(ours.isnan(), nan)  # NaN stays NaN (its payload bits are the cast's own)
+    assert torch.equal(ours[~nan].view(torch.int32), ref[~nan].view(torch.int32))  # bits: the sign of zero too
