@@ -46,7 +46,8 @@ def _x() -> torch.Tensor:
 def test_default_is_dynamic_and_options_per_mode():
     assert InjectionSpec(scheme="NVFP4").input_scale == "dynamic"
     assert InjectionSpec(scheme="NVFP4").input_format_options() == {}
-    assert InjectionSpec(scheme="NVFP4", input_scale="per_token").input_format_options() == {"tensor_scale": "per_token"}
+    per_token = InjectionSpec(scheme="NVFP4", input_scale="per_token")
+    assert per_token.input_format_options() == {"tensor_scale": "per_token"}
     assert InjectionSpec(scheme="FP8", input_scale="per_token").input_format_options() == {"granularity": "per_token"}
     spec = InjectionSpec(scheme="FP8", input_scale="static", input_amax={"a": 2})
     assert spec.input_format_options() == {"tensor_scale": "static", "granularity": "per_tensor"}
@@ -191,3 +192,24 @@ def test_operator_level_injection_refuses_non_dynamic_modes():
                  InjectionSpec(scheme="NVFP4", input_scale="static", input_amax=AMAX)):
         with pytest.raises(ValueError, match="inject_ops does not implement input_scale"):
             inject_ops(spec, model=_model())
+
+
+def test_static_amaxes_serve_the_lora_wrapped_model():
+    """Calibrated on the plain model, attached to the PEFT model (``base_model.model.…q_proj.base_layer``): the
+    same scales; with LoRA's B = 0 the logits equal the plain model's under the same spec, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    from quarl.inject.input_scale import canonical
+
+    assert canonical("base_model.model.layers.0.q_proj.base_layer") == "layers.0.q_proj"
+    x = _x()
+    spec = InjectionSpec(scheme="NVFP4", input_scale="static", input_amax=AMAX)
+    model = _model()
+    with attach(model, spec), torch.no_grad():
+        want = model(x)
+    peft_model = get_peft_model(_model(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with attach(peft_model, spec) as inj, torch.no_grad():
+        got = peft_model(x)
+        modes = inj.input_scales()
+    assert torch.equal(got, want)
+    assert modes["base_model.model.q_proj.base_layer"] == "static (calibrated amax 3)"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from quarl.inject import InjectionSpec
+from quarl.inject.input_scale import canonical
 from quarl.inject.select import select_modules
 
 from .export import calibrate_input_amax
@@ -51,7 +52,7 @@ def calibrate_spec(model: nn.Module, spec: InjectionSpec, batches: Iterable[dict
         amax = calibrate_input_amax(model, selected, batches)
     finally:
         model.train(was_training)
-    values = {fqn: float(a.reshape(())) for fqn, a in amax.items()}
+    values = {canonical(fqn): float(a.reshape(())) for fqn, a in amax.items()}  # PEFT-wrapped or not: same names
     logger.info("calibrated %d input amaxes (min %.4g, max %.4g)", len(values), min(values.values()),
                 max(values.values()))
     return spec.replace(input_scale="static", input_amax=values)

@@ -151,7 +151,7 @@ class QFormat:
     hadamard_signs: tuple[int, ...] = TE_HADAMARD_SIGNS
     block_2d: bool = False  # NVFP4: one scale per 16x16 tile of the last two dims (TE weight recipe)
     nonfinite: NonFinite = NonFinite.BLOCK  # NVFP4: REFERENCE (its default) or BLOCK; other families: block-local
-    tensor_scale: TensorScale = TensorScale.DYNAMIC  # NVFP4 global scale / FP8 per-tensor scale: dynamic|static|per_token
+    tensor_scale: TensorScale = TensorScale.DYNAMIC  # NVFP4 global / FP8 tensor scale source
 
     @property
     def elem_max(self) -> float:

@@ -9,9 +9,10 @@
                  = 2688 / T, vLLM's W4A4 kernels)
     per_token    one global scale per token row              one scale per token row (granularity per_token)
 
-The calibrated amaxes (``InjectionSpec.input_amax``, one per module by name, PEFT's wrapping ignored (`canonical`), from `quarl.checkpoint.calibrate_spec` /
-``quarl calibrate``) are bound at attach time; a module selected by a static spec without a calibrated amax is an
-error, never a silent dynamic scale. The weights are not affected: only the linear input takes the mode.
+The calibrated amaxes (``InjectionSpec.input_amax``, one per module name from `quarl.checkpoint.calibrate_spec` /
+``quarl calibrate``; PEFT's wrapping of the name is ignored, `canonical`) are bound at attach time; a module
+selected by a static spec without a calibrated amax is an error, never a silent dynamic scale. The weights are not
+affected: only the linear input takes the mode.
 
 `InputScales` builds each module's input format once and hands out one function per distinct (format, amax), so
 modules that read the same tensor with the same scale (q/k/v, gate/up) still share one fake-quantized copy.
