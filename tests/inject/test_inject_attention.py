@@ -84,7 +84,8 @@ def test_kv_entering_attention_lies_on_the_format_grid(kv, reference):
     assert torch.equal(v_q, reference(v_raw, inj._modules[ATTN].value.amax))
     if kv == "fp8_e4m3":  # every layer: on the E4M3 grid itself
         for _, k, v in (calls[-1] for calls in spy.calls.values()):
-            assert torch.equal(k, k.to(torch.float8_e4m3fn).float()) and torch.equal(v, v.to(torch.float8_e4m3fn).float())
+            for x in (k, v):
+                assert torch.equal(x, x.to(torch.float8_e4m3fn).float())
     inj.detach()
 
 
@@ -227,7 +228,8 @@ def test_quarl_eager_attention_equals_transformers_eager():
     attn = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, 7, 16, generator=g) for h in (4, 2, 2))
-    mask = torch.zeros(2, 1, 7, 7).masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), torch.finfo(torch.float32).min)
+    future = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    mask = torch.zeros(2, 1, 7, 7).masked_fill(future, torch.finfo(torch.float32).min)
     ours = eager_attention(attn, q, k, v, mask, scaling=0.25)
     theirs = eager_attention_forward(attn, q, k, v, mask, scaling=0.25)
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])

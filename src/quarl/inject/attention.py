@@ -115,7 +115,8 @@ class TensorQuantizer:
         elem, m = self.fmt.elem, self.fmt.elem_max
         if self._native_dtype is not None:
             return v.clamp(-m, m).to(self._native_dtype).float()
-        if self.fmt.family.value == "scaled" and self.fmt.rounding.value == "rne" and elem.step == 1.0:
+        integer = self.fmt.family.value == "scaled" and getattr(elem, "step", 0) == 1.0
+        if integer and self.fmt.rounding.value == "rne":
             return v.clamp(elem.qmin, elem.qmax).round().add_(0.0)  # + 0.0: an integer zero is +0.0
         from quarl.formats.rounding import round_elem
 
@@ -141,7 +142,7 @@ class TensorQuantizer:
         return self.amax.to(x.device)
 
 
-# --- eager attention (the stock formula, plus quantized probabilities) ---------------------------------------------------
+# --- eager attention (the stock formula, plus quantized probabilities) ------------------------------------------------
 def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D), each KV head repeated for its query heads (transformers' repeat_kv)."""
     if n_rep == 1:
@@ -211,13 +212,14 @@ def _probs_quantizer(spec: Any, use_ste: bool) -> Callable[[torch.Tensor], torch
         fq = fake_quantizer(fmt)
         values = lambda p: fq(p.detach())  # noqa: E731
     else:
-        values = lambda p: round_elem(p.detach() * spec.probs_scale, fmt.elem, fmt.rounding) / spec.probs_scale  # noqa: E731
+        scale = spec.probs_scale
+        values = lambda p: round_elem(p.detach() * scale, fmt.elem, fmt.rounding) / scale  # noqa: E731
     if use_ste:
         return lambda p: pass_through(p, values(p))
     return values
 
 
-# --- the per-module state and the registered function -------------------------------------------------------------------
+# --- the per-module state and the registered function -----------------------------------------------------------------
 class AttentionInjection:
     """Quantizers, cache bookkeeping and telemetry of one attention module (an entry of ``Injector._modules``)."""
 
