@@ -21,7 +21,9 @@ EXPECTED = {
     "amd-mi355-mxfp4": {"error_type": "mxfp4", "injection_point": "both", "input_scale": "dynamic",
                         "kv_cache": FP8_KV, "attention": None, "format_options": {"profile": "ocp"}},
     "nvidia-h100-fp8": {"error_type": "fp8_e4m3", "injection_point": "both", "input_scale": "per_token",
-                        "kv_cache": FP8_KV, "attention": None, "format_options": {}},
+                        "kv_cache": FP8_KV, "format_options": {},
+                        "attention": {"format": "fp8_e4m3", "query": True, "scale": "tensor", "calibration": "unit",
+                                      "probs": False, "probs_scale": 448.0, "options": {}}},
 }
 AMAX = {"input_amax": {"model.layers.0.self_attn.q_proj": 3.0}}
 

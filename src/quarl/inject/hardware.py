@@ -7,7 +7,7 @@ one. A field given explicitly with another value than the preset's is an error, 
     preset              linears (W and A)                     A scale          KV cache          attention
     nvidia-b200-nvfp4   NVFP4 W4A4 (16-blocks, E4M3 x fp32)   static (calib.)  FP8 E4M3, unit    BF16 (none)
     amd-mi355-mxfp4     MXFP4 W4A4 (32-blocks, E8M0, OCP)     per block        FP8 E4M3, unit    BF16 (none)
-    nvidia-h100-fp8     FP8 E4M3 W8A8, per-tensor weights     per token        FP8 E4M3, unit    BF16 (none)
+    nvidia-h100-fp8     FP8 E4M3 W8A8, per-tensor weights     per token        FP8 E4M3, unit    FP8 query, unit
 
 Sources and the reasoning behind every choice are in ``docs/hardware.md``. ``nvidia-b200-nvfp4`` needs calibrated
 input amaxes (``input_amax``, written by ``quarl calibrate``), as the checkpoints its kernels serve carry them;
@@ -22,13 +22,15 @@ from typing import Any
 from quarl import configio
 
 _FP8_KV = {"format": "fp8_e4m3", "scale": "tensor", "calibration": "unit"}  # vLLM kv_cache_dtype="fp8", no scales
+# FlashAttention 3 (Hopper) with an FP8 KV cache quantizes the query to FP8 as well (q_scale 1.0 by default)
+_FP8_QUERY = {"format": "fp8_e4m3", "query": True, "scale": "tensor", "calibration": "unit", "probs": False}
 HARDWARE: dict[str, dict[str, Any]] = {
     "nvidia-b200-nvfp4": {"error_type": "nvfp4", "injection_point": "both", "input_scale": "static",
                           "kv_cache": _FP8_KV, "attention": None},
     "amd-mi355-mxfp4": {"error_type": "mxfp4", "injection_point": "both", "format_options": {"profile": "ocp"},
                         "input_scale": "dynamic", "kv_cache": _FP8_KV, "attention": None},
     "nvidia-h100-fp8": {"error_type": "fp8_e4m3", "injection_point": "both", "input_scale": "per_token",
-                        "kv_cache": _FP8_KV, "attention": None},
+                        "kv_cache": _FP8_KV, "attention": _FP8_QUERY},
 }
 
 
