@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-verl = pytest.importorskip("verl")
+pytest.importorskip("verl.workers")
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402

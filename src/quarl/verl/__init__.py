@@ -64,7 +64,14 @@ def activate() -> list[tuple[str, str]]:
     return list(_registered)
 
 
-if importlib.util.find_spec("verl") is not None:
+def installed() -> bool:
+    """True when the verl package is installed (a directory named ``verl`` without one, e.g. a test folder on
+    ``sys.path``, is a namespace package with no origin and does not count)."""
+    spec = importlib.util.find_spec("verl")
+    return spec is not None and spec.origin is not None
+
+
+if installed():
     activate()
 else:
     logger.debug("quarl.verl: verl is not installed; only migrate / reward / config are usable")
