@@ -92,3 +92,11 @@ def test_h100_fp8_per_token_inputs_on_every_expert():
         got = experts(h, idx, w)
         assert inj.input_scales()["model.layers.0.mlp.experts"] == "dynamic per-token"
     assert torch.equal(got, want)
+
+
+def test_diagnose_prints_the_preset_expansion(capsys):
+    from quarl.cli import main
+
+    assert main(["diagnose", "--model", "testbed:tiny", "--hardware", "amd-mi355-mxfp4", "--no-grad-check"]) == 0
+    out = capsys.readouterr().out
+    assert "hardware amd-mi355-mxfp4: error_type=mxfp4, injection_point=both" in out and "kv_cache=" in out

@@ -4,6 +4,7 @@
     quarl diagnose --model smollm2 --spec my_spec.yaml --sensitivity block --noise --nll
     quarl diagnose --model ckpt/testbed-nvfp4      # a compressed-tensors checkpoint (see below)
     quarl diagnose --model testbed:tiny --scheme MXFP4 --sensitivity --plan 0.1 --plan-out plan.yaml
+    quarl diagnose --model testbed:tiny --hardware nvidia-h100-fp8   # prints the preset's explicit fields first
 
 ``--plan BUDGET`` proposes a precision plan from the per-module sensitivity ranking: the modules whose quantization
 costs most (KL) kept in ``--plan-format`` (default full precision) while their matmul parameters fit BUDGET, a
@@ -26,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from quarl.inject.hardware import HARDWARE
+from quarl.inject.hardware import describe as describe_hardware
 from quarl.inject.spec import SCHEMES
 
 
@@ -38,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # --- injection (a scheme, a YAML spec, or explicit fields) ---
     p.add_argument("--scheme", choices=list(SCHEMES), help="named scheme (expands to error_type + injection_point)")
     p.add_argument("--spec", type=Path, help="InjectionSpec YAML file (strict)")
+    p.add_argument("--hardware", choices=sorted(HARDWARE), help="named chip preset (expands into explicit fields)")
     p.add_argument("--error-type", help="a quarl.formats name or relative_gaussian | absolute_gaussian | ...")
     p.add_argument("--error-scale", type=float, help="sigma / bias / threshold of the noise models")
     p.add_argument("--injection-point", choices=["weight", "input", "output", "both"], help="where the error enters")
@@ -69,7 +73,7 @@ def _spec(args: argparse.Namespace):
         spec = InjectionSpec.from_yaml(args.spec)
         return spec.replace(rotation=args.rotation) if args.rotation else spec
     return InjectionSpec(scheme=args.scheme, error_type=args.error_type, error_scale=args.error_scale,
-                         injection_point=args.injection_point, apply_during=args.apply_during,
+                         hardware=args.hardware, injection_point=args.injection_point, apply_during=args.apply_during,
                          use_ste=not args.no_ste, rotation=args.rotation or "none")
 
 
@@ -104,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     from quarl.diagnose import diagnose, plot_damage
 
     checkpoint = is_compressed_tensors_dir(args.model)
-    explicit = bool(args.spec or args.scheme or args.error_type)
+    explicit = bool(args.spec or args.scheme or args.error_type or args.hardware)
     if args.plan is not None:
         if args.sensitivity == "block":
             print("quarl diagnose: --plan proposes modules: it needs --sensitivity layer", file=sys.stderr)
@@ -121,6 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         print(f"quarl diagnose: {exc}", file=sys.stderr)
         return 2
+    if spec is not None and spec.hardware:  # a preset is never hidden: print what it expanded into
+        print(f"hardware {spec.hardware}: {describe_hardware(spec.hardware)}")
     if not checkpoint:
         model, tokenizer = quarl.models.load_model(args.model, dtype=args.dtype, device=args.device)
     report = diagnose(model, spec, tokenizer=tokenizer, prompts=prompts, references=references,
