@@ -287,3 +287,14 @@ def test_lora_on_expert_weights_quantizes_the_base_under_the_adapter():
             got = lora(IDS).logits
             assert sum(n.endswith("experts.base_layer.base_layer") for n in inj.modules) == 2
     assert torch.equal(got, want) and not torch.equal(got, clean)
+
+
+def test_operator_level_injection_refuses_fused_experts():
+    from quarl.inject import inject_ops
+
+    model = tiny_moe("qwen3_moe")
+    with pytest.raises(ValueError, match="cannot inject fused MoE experts"):
+        inject_ops(InjectionSpec(scheme="MXFP4"), model=model)
+    with inject_ops(InjectionSpec(scheme="MXFP4", exclude=("experts", "embed")), model=model) as ops, torch.no_grad():
+        model(IDS)
+    assert ops.module_calls and not any("experts" in n for n in ops.module_calls)

@@ -54,7 +54,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
 from quarl.inject.errors import ErrorModel, module_seed
-from quarl.inject.select import select_modules
+from quarl.inject.select import is_experts, select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
 from quarl.inject.telemetry import ModuleTelemetry
 from quarl.inject.weights import WeightCache, verify_enabled
@@ -128,6 +128,10 @@ class OpInjector(TorchFunctionMode):
             raise ValueError(f"inject_ops: apply_during={spec.apply_during.value!r} needs an explicit phase")
         self.model = model
         self.selected = select_modules(model, spec) if model is not None else []  # raises on zero matches
+        experts = [fqn for fqn, m in self.selected if is_experts(m)]
+        if experts:  # grouped_mm is not an F.linear / matmul call, and a 3-D weight's e(W) must be taken per expert
+            raise ValueError(f"inject_ops cannot inject fused MoE experts ({', '.join(experts[:3])}): use "
+                             "attach(model, spec), which quantizes them per expert, or exclude them")
         if spec.input_scale != "dynamic":  # never a silent dynamic scale: the per-module modes live in attach()
             raise ValueError(f"inject_ops does not implement input_scale={spec.input_scale!r}; use attach(model, "
                              "spec), which binds static / per-token input scales per module")
