@@ -144,15 +144,40 @@ def test_fake_quantizer_static_equals_fake_quantize_and_passes_gradient():
 
 
 def test_kernels_do_not_serve_modes_they_lack():
-    for options in ({"profile": "vllm"}, {"tensor_scale": "per_token"}):
-        fmt = get_format("nvfp4", **options)
-        assert not native.serves(fmt)
-        assert not fast.enabled_for(torch.empty(1 << 19), fmt)
+    vllm = get_format("nvfp4", profile="vllm")
+    assert not native.serves(vllm) and not fast.enabled_for(torch.empty(1 << 19), vllm)
+    assert not fast.enabled_for(torch.empty(1 << 19), get_format("nvfp4", tensor_scale="per_token"))
     assert native.bind(get_format("nvfp4", tensor_scale="static")) is None
     big = torch.randn(512, 1024, generator=torch.Generator().manual_seed(3))
-    for options in ({"profile": "vllm"}, {"tensor_scale": "per_token"}):
-        fmt = get_format("nvfp4", **options)
-        assert torch.equal(fake_quantize(big, fmt), fake_quantize_eager(big, fmt))
+    assert torch.equal(fake_quantize(big, vllm), fake_quantize_eager(big, vllm))
     static = get_format("nvfp4", tensor_scale="static")
     a = torch.tensor([2.0])
     assert torch.equal(fake_quantize(big, static, global_amax=a), fake_quantize_eager(big, static, None, a))
+
+
+@pytest.mark.parametrize("profile", ["compressed_tensors", "torchao", "transformer_engine"])
+@pytest.mark.parametrize("nonfinite", ["reference", "block"])
+def test_per_token_native_rows_equal_eager(profile, nonfinite):
+    """The native kernel runs per_token row by row with the row's amax as a static T: bit-identical to eager on the
+    adversarial families, partial blocks, all-zero rows and rows holding NaN / Inf (which eager may take over)."""
+    from _adversarial import FINITE
+    from _adversarial import nonfinite as with_nonfinite
+
+    fmt = get_format("nvfp4", profile=profile, tensor_scale="per_token", nonfinite=nonfinite)
+    run = native.bind(fmt)
+    assert run is not None
+    cases = [FINITE[f](rows=16, cols=64, seed=1) for f in ("outliers", "nv_ties", "tiny", "huge", "zero_blocks")]
+    cases += [FINITE["normal"](rows=6, cols=40, seed=2), torch.zeros(3, 32)]
+    cases += [with_nonfinite(FINITE["normal"](rows=8, cols=64, seed=4), seed=5, frac=0.01)]
+    cases += [FINITE["outliers"](rows=16, cols=64, seed=1).to(torch.bfloat16)]
+    for x in cases:
+        want = fake_quantize_eager(x, fmt)
+        y = run(x)
+        if y is not None:
+            assert torch.equal(torch.isnan(y), torch.isnan(want))
+            keep = ~torch.isnan(y)
+            assert torch.equal(y[keep].view(torch.int32), want[keep].view(torch.int32))  # sign of zero too
+        got = fake_quantize(x, fmt)
+        assert torch.equal(torch.isnan(got), torch.isnan(want.to(x.dtype)))
+    served = run(FINITE["outliers"](rows=16, cols=64, seed=1))
+    assert served is not None  # finite rows are the kernel's

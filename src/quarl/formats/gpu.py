@@ -28,7 +28,7 @@ import os
 import torch
 
 from .native import _mx_args, _nv_args, serves
-from .registry import Family, NonFinite, Profile, QFormat, RoundingMode
+from .registry import Family, NonFinite, Profile, QFormat, RoundingMode, TensorScale
 
 BLOCKS_PER_PROGRAM = 64
 ENV_SWITCH = "QUARL_TRITON"
@@ -56,6 +56,8 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat) -> torch.Tensor | None:
         fp32 tensor, bit-identical to ``fake_quantize_eager(x, fmt)``; None when not served.
     """
     if not serves(fmt) or x.dim() == 0 or x.numel() == 0 or x.shape[-1] % fmt.block_size:
+        return None
+    if fmt.tensor_scale is not TensorScale.DYNAMIC:  # one T per tensor only (per-row / static: eager)
         return None
     if fmt.axis not in (-1, x.dim() - 1):
         return None

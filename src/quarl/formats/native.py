@@ -175,8 +175,8 @@ def serves(fmt: QFormat) -> bool:
     """Whether the kernel implements ``fmt`` (format features only; tensors are checked per call)."""
     if fmt.family not in (Family.MX, Family.NVFP4) or fmt.hadamard or fmt.block_2d:
         return False
-    if fmt.profile is Profile.VLLM or fmt.tensor_scale is TensorScale.PER_TOKEN:
-        return False  # eager only (vLLM's scale arithmetic and per-row global scales are not in the C source)
+    if fmt.profile is Profile.VLLM:
+        return False  # eager only (vLLM's scale arithmetic is not in the C source)
     return fmt.rounding is not RoundingMode.STOCHASTIC
 
 
@@ -238,6 +238,8 @@ def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
     lib = library()
     if lib is None:
         return None
+    if fmt.tensor_scale is TensorScale.PER_TOKEN:
+        return _per_row(fmt, lib)
     kernel, params = _kernel(lib, fmt), _params(fmt)
     ref = ctypes.byref(params)  # (the closure keeps params alive)
     block, axis, f32 = fmt.block_size, fmt.axis, torch.float32
@@ -256,6 +258,39 @@ def bind(fmt: QFormat) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
         threads = threads_of() if numel >= PARALLEL_MIN else 1
         status = kernel(x32.data_ptr(), y.data_ptr(), rows, length, ref, threads, int(numel >= NT_MIN))
         return y if status == 0 else None
+
+    return run
+
+
+def _per_row(fmt: QFormat, lib: ctypes.CDLL) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """NVFP4 ``tensor_scale="per_token"``: the static-amax kernel once per row, with that row's amax as ``T``.
+
+    Eager's per-row amax is the same max (``nvfp4.row_amax``), so each row is exactly eager's; a non-finite row amax
+    under the reference policy (or any row the kernel declines) leaves the whole call to eager.
+    """
+    kernel, params = _kernel(lib, fmt), _params(fmt, (1, 0.0))
+    ref = ctypes.byref(params)
+    block_local, axis, f32 = fmt.nonfinite is NonFinite.BLOCK, fmt.axis, torch.float32
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        ndim = x.dim()
+        if not x.is_cpu or ndim == 0 or not x.is_floating_point() or axis not in (-1, ndim - 1) or x.numel() == 0:
+            return None
+        x32 = x if x.dtype is f32 and x.is_contiguous() else x.to(f32).contiguous()
+        length = x32.shape[-1]
+        a = x32.reshape(-1, length).abs()
+        if block_local:
+            a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+        amax = a.amax(dim=1)
+        if not block_local and not bool(torch.isfinite(amax).all()):
+            return None
+        y = torch.empty_like(x32)
+        xp, yp, step = x32.data_ptr(), y.data_ptr(), length * x32.element_size()
+        for r, t in enumerate(amax.tolist()):  # a Python float holds each fp32 amax exactly
+            params.t = t
+            if kernel(xp + r * step, yp + r * step, 1, length, ref, 1, 0) != 0:
+                return None
+        return y
 
     return run
 
