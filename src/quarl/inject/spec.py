@@ -32,6 +32,10 @@ field, the value and the expected type.
 Error models (see `quarl.inject.errors` for the math): any `quarl.formats` name (fake quantization), or
 ``relative_gaussian`` x·(1 + s·N(0,1)), ``absolute_gaussian`` x + s·N(0,1), ``systematic_bias`` x + s·sign(x),
 ``deadzone`` (zero where |x| < t·max|x|); ``s`` / ``t`` is ``error_scale`` (required for those, forbidden for formats).
+
+Beyond the linears: ``kv_cache`` (keys after RoPE and values, as a quantized KV cache stores them) and ``attention``
+(the query and the softmax probabilities) take a format name or a mapping (`quarl.inject.kvspec`); a spec may set
+only those, leaving every linear untouched (``error_type`` None).
 """
 
 from __future__ import annotations
