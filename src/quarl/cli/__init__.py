@@ -14,7 +14,7 @@ import sys
 
 # Subcommand modules, in the order they appear in ``quarl --help``.
 _SUBCOMMANDS = ("demo", "train", "suite", "runs", "table", "plot", "formats", "diagnose", "eval", "quantize", "calibrate",
-               "testbed")
+               "testbed", "verl")
 
 
 def build_parser() -> argparse.ArgumentParser:
