@@ -298,3 +298,29 @@ def test_operator_level_injection_refuses_fused_experts():
     with inject_ops(InjectionSpec(scheme="MXFP4", exclude=("experts", "embed")), model=model) as ops, torch.no_grad():
         model(IDS)
     assert ops.module_calls and not any("experts" in n for n in ops.module_calls)
+
+
+def test_output_error_on_each_expert_matmul_and_noise_models_per_expert():
+    model = tiny_moe("qwen2_moe")
+    _, experts = experts_of(model)[0]
+    idx, w = _route(experts, 12, seed=3)
+    h = torch.randn(12, 64)
+    fmt = get_format("mxfp8_e4m3")
+    want = torch.zeros_like(h)
+    mask = F.one_hot(idx, experts.num_experts + 1).permute(2, 1, 0)
+    for e in range(experts.num_experts):  # output: e() on the result of each of the expert's two matmuls
+        pos, tok = torch.where(mask[e])
+        gate, up = fake_quantize(F.linear(h[tok], experts.gate_up_proj[e]), fmt).chunk(2, dim=-1)
+        y = fake_quantize(F.linear(experts.act_fn(gate) * up, experts.down_proj[e]), fmt) * w[tok, pos, None]
+        want.index_add_(0, tok, y)
+    with torch.no_grad():
+        clean = experts(h, idx, w)
+        with attach(model, InjectionSpec(error_type="mxfp8_e4m3", injection_point="output")) as inj:
+            assert torch.equal(experts(h, idx, w), want)
+            assert inj.stats()["model.layers.0.mlp.experts"]["output"]["measured"] == 2 * experts.num_experts
+        noise = InjectionSpec(error_type="relative_gaussian", error_scale=0.05, targets=(r"\.experts$",))
+        with attach(model, noise) as inj:
+            noisy = experts(h, idx, w)
+            assert not torch.equal(noisy, clean) and torch.equal(experts(h, idx, w), noisy)  # one draw per version
+            assert inj.stats()["model.layers.0.mlp.experts"]["weight_computations"] == 2
+        assert torch.equal(experts(h, idx, w), clean)
