@@ -3,8 +3,9 @@
     python benchmarks/inject.py [--layers 8] [--hidden 512] [--batch 4] [--seq 128] [--reps 10] [--stats-every 1]
 
 Targets: W4A16 <= 1.1x and W4A4 <= 1.3x the unquantized forward. Weights are fake-quantized once per weight version (cached),
-so W4A16 should cost ~1.0x after the first call; W4A4 adds one activation fake-quant per linear input per forward,
-plus the telemetry reductions (``--stats-every N`` measures every N-th call). Timings are medians over ``--reps``
+so W4A16 should cost ~1.0x after the first call; W4A4 adds one activation fake-quant per linear input per forward
+(a rotation adds two products per input: K x b for ``block``, K x K for ``full``; the weight's is cached), plus the
+telemetry reductions (``--stats-every N`` measures every N-th call). Timings are medians over ``--reps``
 forwards after warm-up (the first call pays the weight quantization and any compile), under ``torch.no_grad``, fp32,
 on whatever CPU/GPU this runs on; the machine used for the numbers in the report is stated there.
 """
@@ -44,6 +45,10 @@ VARIANTS = {
     "W4A4  (mxfp4)": InjectionSpec(scheme="W4A4"),
     "NVFP4A16": InjectionSpec(scheme="NVFP4A16"),
     "NVFP4 (W4A4)": InjectionSpec(scheme="NVFP4"),
+    # rotations: e(xR)R^T on every linear input per forward; the weight's rotation is cached with e(W)
+    "W4A4 + block rot": InjectionSpec(scheme="W4A4", rotation="block"),
+    "W4A4 + full rot": InjectionSpec(scheme="W4A4", rotation="full"),
+    "NVFP4 + block rot": InjectionSpec(scheme="NVFP4", rotation="block"),
 }
 
 

@@ -43,7 +43,17 @@ def test_unknown_hadamard_order_raises_naming_it(n):
         hadamard(n)
 
 
-@pytest.mark.parametrize("features,block", [(64, 16), (96, 32), (96, 96), (256, 256)])
+@pytest.mark.parametrize("features,block", [(64, 16), (96, 32), (96, 96), (256, 256), (576, 576), (1536, 1536)])
+def test_fast_rotation_is_the_dense_randomized_hadamard(features, block):
+    """Blocks above 64 run as H_p X H_m with a fast Walsh-Hadamard transform: it must be diag(s) H_b / sqrt(b)."""
+    signs = torch.randint(0, 2, (features,), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    r = Rotation(features, block, signs).dense().double()
+    dense = torch.block_diag(*[hadamard(block)] * (features // block)) / block ** 0.5
+    # fp32 sums of b terms of size 1/sqrt(b): a few ulp of 1/sqrt(b) per entry
+    assert torch.allclose(r, signs.double().unsqueeze(1) * dense, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("features,block", [(64, 16), (96, 32), (96, 96), (256, 256), (576, 576)])
 def test_rotation_is_orthogonal(features, block):
     signs = torch.randint(0, 2, (features,), generator=torch.Generator().manual_seed(0)) * 2 - 1
     r = Rotation(features, block, signs).dense().double()

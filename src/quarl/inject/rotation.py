@@ -13,7 +13,7 @@ and costs nothing in exact arithmetic because ``(x R)(W R)^T = x R R^T W^T = x W
 
 ``s`` are random signs (+-1) drawn per module from ``crc32(f"{seed}:{fqn}:rotation")`` (the spec's ``seed``), so a
 module's rotation does not depend on which other modules exist. ``H_n`` is a Sylvester matrix for ``n = 2^k``; other
-orders are ``H_m (x) H_{2^k}`` (Kronecker) with ``H_m`` from Paley's constructions: type I for ``m = q + 1``, ``q`` a
+orders are ``H_{2^k} (x) H_m`` (Kronecker) with ``H_m`` from Paley's constructions: type I for ``m = q + 1``, ``q`` a
 prime ``= 3 mod 4`` (12, 20, 24, 44, 48, ...), type II for ``m = 2(q + 1)``, ``q`` a prime ``= 1 mod 4`` (28, 36,
 60, ...). An input dimension with no such factorisation is refused, naming it.
 
@@ -26,7 +26,8 @@ telemetry compares ``x`` with ``e_R(x)`` (an orthogonal ``R`` preserves norms, s
 rotated basis), and the straight-through gradient is ``g R I R^T = g``. Rotations are computed in fp32 and the results
 cast back to the operand's dtype.
 
-Cost per forward: one ``K x b`` (block) or ``K x K`` (full, dense matmul) product each way on every injected input;
+Cost per forward: two rotations per injected input, each one ``(b, b)`` product per tile (block), or for a full
+rotation ``H_{2^k} (x) H_m`` applied in that structure (an ``(m, m)`` product and a fast Walsh-Hadamard transform);
 the weight's rotation is paid once per weight version. Each module has its own signs, so modules that read the same
 tensor (q/k/v) no longer share one fake-quantized copy of it.
 """
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # spec.py imports this module (validation); the runtime objec
 
 logger = logging.getLogger(__name__)
 ROTATIONS = ("none", "block", "full")
+SMALL_BLOCK = 64  # the largest Sylvester factor applied as one dense product (see `Rotation`)
 
 
 # --- Hadamard matrices ----------------------------------------------------------------------------------------------
@@ -83,37 +85,63 @@ def _paley(m: int) -> torch.Tensor | None:
 
 
 @functools.lru_cache(maxsize=32)
-def hadamard(n: int) -> torch.Tensor:
-    """A Hadamard matrix of order ``n`` (entries +-1, ``H H^T = n I``), fp64, on the CPU.
-
-    ``n = 2^k``: Sylvester; otherwise ``H_m (x) H_{2^k}`` with the smallest Paley order ``m`` (see the module
-    docstring). Cached; callers must not modify the result.
-
-    Raises:
-        ValueError: ``n`` has no factorisation ``m * 2^k`` with a Paley order ``m`` (the message names ``n``).
-    """
+def _factor(n: int) -> tuple[int, torch.Tensor]:
+    """``(p, H_m)`` with ``n = p * m``, ``p`` a power of two and ``H_m`` a Paley matrix (``m = 1``: ``[[1]]``), ``m``
+    as small as possible; ValueError naming ``n`` when there is none."""
     if n < 1:
         raise ValueError(f"a Hadamard matrix needs an order >= 1, got {n}")
     k = (n & -n).bit_length() - 1  # the power of two in n
     for j in range(k, -1, -1):
         m = n >> j
         base = torch.ones(1, 1, dtype=torch.float64) if m == 1 else (_paley(m) if m > 2 else None)
-        if base is None:
-            continue
-        h = base
-        for _ in range(j):
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64)):  # a construction bug must never rotate
-            raise AssertionError(f"Hadamard construction of order {n} is not orthogonal")
-        return h
+        if base is not None:
+            if not torch.equal(base @ base.T, m * torch.eye(m, dtype=torch.float64)):  # never rotate by a bug
+                raise AssertionError(f"Paley construction of order {m} is not orthogonal")
+            return 1 << j, base
     raise ValueError(f"no Hadamard matrix of order {n} is known to quarl: full rotation needs the input dimension "
                      "to be 2^k, or 2^k times a Paley order (12, 20, 24, 28, 36, ...); exclude that module or use "
                      "rotation='block'")
 
 
+@functools.lru_cache(maxsize=32)
+def hadamard(n: int) -> torch.Tensor:
+    """A Hadamard matrix of order ``n`` (entries +-1, ``H H^T = n I``), fp64, on the CPU.
+
+    ``n = 2^k``: Sylvester; otherwise ``H_{2^k} (x) H_m`` (Sylvester doublings of the smallest Paley order ``m``, see
+    the module docstring). Cached; callers must not modify the result.
+
+    Raises:
+        ValueError: ``n`` has no factorisation ``2^k * m`` with a Paley order ``m`` (the message names ``n``).
+    """
+    p, h = _factor(n)
+    while h.shape[0] < n:  # [[H, H], [H, -H]] = H_2 (x) H
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    if not torch.equal(h @ h.T, n * torch.eye(n, dtype=torch.float64)):  # a construction bug must never rotate
+        raise AssertionError(f"Hadamard construction of order {n} is not orthogonal")
+    return h
+
+
+def _split(b: int) -> list[int]:
+    """``b = d1 * d2`` with ``d1`` a power of two and ``d1 + d2`` smallest (``[b]`` for ``b <= SMALL_BLOCK``), so that
+    ``H_b = H_{d1} (x) H_{d2}`` (both as `hadamard` builds them: Sylvester doublings of the same Paley order)."""
+    if b <= SMALL_BLOCK:
+        return [b]
+    p, _ = _factor(b)
+    splits = [(1 << a, b >> a) for a in range(p.bit_length())]
+    d1, d2 = min(splits, key=sum)
+    return [d1, d2] if d1 > 1 else [d2]
+
+
 # --- one module's rotation ------------------------------------------------------------------------------------------
+
+
 class Rotation:
     """``R = diag(signs) blockdiag(H_b, ..., H_b) / sqrt(b)`` along the last dim (``b = K`` for a full rotation).
+
+    ``H_b`` is applied in its Kronecker structure ``H_b = H_{d1} (x) H_{d2}`` (``d1`` a power of two, both near
+    ``sqrt(b)``; one factor for ``b <= SMALL_BLOCK``): a tile viewed as a (d1, d2) matrix ``X`` becomes
+    ``H_{d1}^T X H_{d2}``, O(d1 + d2) products per element instead of O(b): a full rotation of K = 4096 costs
+    2 x 64 per element, not 4096.
 
     Args:
         features: K, the input dimension of the linear.
@@ -128,11 +156,13 @@ class Rotation:
         self.features = features
         self.block = block
         self.signs = signs.to(torch.float32)  # (K,)
-        self._h = {}  # device -> H_b / sqrt(b), fp32 (b, b)
+        self._sizes = _split(block)
+        self._base = [hadamard(d) / math.sqrt(d) for d in self._sizes]  # fp64, orthonormal
+        self._h: dict[torch.device, list[torch.Tensor]] = {}  # device -> the factors in fp32
 
-    def _matrix(self, device: torch.device) -> torch.Tensor:
+    def _factors(self, device: torch.device) -> list[torch.Tensor]:
         if device not in self._h:
-            self._h[device] = (hadamard(self.block) / math.sqrt(self.block)).to(torch.float32).to(device)
+            self._h[device] = [f.to(torch.float32).to(device) for f in self._base]
         return self._h[device]
 
     def _signs(self, device: torch.device) -> torch.Tensor:
@@ -140,16 +170,24 @@ class Rotation:
             self.signs = self.signs.to(device)
         return self.signs
 
+    def _apply(self, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """``x H_b / sqrt(b)`` (or ``H_b^T``) tile by tile along the last dim; fp32 (…, K)."""
+        factors = self._factors(x.device)
+        if transpose:
+            factors = [f.T for f in factors]
+        t = x.reshape(-1, self.block)  # (N, b): every tile a row
+        if len(factors) == 2:  # tile as (d1, d2): H_{d1}^T X first, from the left (a batched product)
+            t = factors[0].T @ t.reshape(-1, *self._sizes)  # (N, d1, d2)
+        t = t.reshape(-1, self._sizes[-1]) @ factors[-1]  # (N * d1, d2)
+        return t.reshape(x.shape)
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` along the last dim, fp32 (…, K) -> (…, K)."""
-        x = x.float() * self._signs(x.device)  # (…, K)
-        tiles = x.reshape(*x.shape[:-1], -1, self.block)  # (…, K/b, b)
-        return (tiles @ self._matrix(x.device)).reshape(x.shape)
+        return self._apply(x.float() * self._signs(x.device), transpose=False)
 
     def unrotate(self, y: torch.Tensor) -> torch.Tensor:
         """``y R^T`` along the last dim, fp32 (…, K) -> (…, K)."""
-        tiles = y.float().reshape(*y.shape[:-1], -1, self.block)  # (…, K/b, b)
-        return (tiles @ self._matrix(y.device).T).reshape(y.shape) * self._signs(y.device)
+        return self._apply(y.float(), transpose=True) * self._signs(y.device)
 
     def dense(self) -> torch.Tensor:
         """The K x K matrix R (fp32; for tests and inspection)."""
@@ -258,7 +296,7 @@ def module_rotations(spec: InjectionSpec, selected: list[tuple[str, torch.nn.Mod
                              f"{error_of(fqn).name!r}")
         try:
             if spec.rotation == "full":
-                hadamard(features)
+                _factor(features)
             elif features % block:
                 raise ValueError(f"rotation='block' with block {block} needs the input dimension to be a multiple "
                                  f"of it, got {features}")
