@@ -51,19 +51,75 @@ def test_distill_config_errors():
 
 
 def _train_one_step_probing(tmp_path, tiny, probe):
-    """One W4A4 step with grpo.distill 1.0; ``probe(hidden, teacher, inputs, hooks, model)`` sees every call of the
-    distillation term before it runs. Returns (hooks, model)."""
+    """One W4A4 step with grpo.distill 1.0; ``probe(hidden, teacher, inputs, attached, model)`` sees every call of
+    the distillation term before it runs. Returns (attached, model)."""
+    from quarl.rl.run import _build
+
+    cfg = load_config(W4A4, tiny + ["grpo.steps=1", "grpo.distill=1.0"])
+    (tmp_path / "metrics.jsonl").touch()
+    trainer, recorder, attached, model = _build(cfg, tmp_path, 0)
+    loss_fn = trainer.distill.loss
+
+    def loss(trainer_, hidden, teacher, inputs):
+        probe(torch.cat(hidden), teacher, inputs, attached, model)
+        return loss_fn(trainer_, hidden, teacher, inputs)
+
+    trainer.distill.loss = loss
+    trainer.train()
+    recorder.close()
+    return attached, model
+
+
+def test_distill_uses_the_unquantized_teacher_and_the_loss_forwards_logits(tmp_path, tiny):
+    seen = []
+    attached, model = _train_one_step_probing(tmp_path, tiny, lambda h, t, i, a, m: seen.append((h.detach(), t, i)))
+    assert len(seen) == 1
+    hidden, teacher, inputs = seen[0]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    t, keep = inputs["completion_ids"].size(1), inputs["completion_mask"].bool()
+    fp32, _ = load_model("testbed:tiny")  # the same shipped weights, never injected
+    with torch.no_grad():
+        want_teacher = fp32(input_ids=ids, attention_mask=mask).logits[:, -t - 1:-1]
+    torch.testing.assert_close(teacher[keep], want_teacher[keep], rtol=1e-5, atol=1e-5)
+    hidden_size = model.get_base_model().get_output_embeddings().weight.size(1)
+    assert hidden.shape == (ids.size(0), ids.size(1), hidden_size)  # the whole sequence's last hidden states
+    stats = attached.injector.stats().values()
+    assert all(s["fires"]["training"] == 1 for s in stats)  # the loss forward only: no extra quantized forward
+    assert all(s["skipped"]["bypassed"] == 1 for s in stats)  # the teacher forward
+    row = read_metrics(tmp_path)[-1]
+    assert row["distill/kl"] > 1e-4  # W4A4 policy vs the full-precision base
+
+
+def test_distill_student_logits_are_the_policys(tmp_path, tiny):
+    """The logits rebuilt from the loss forward's hidden states equal a separate forward of the policy (training
+    phase, injected) before the update."""
     checked = []
 
-    def probe(hidden, teacher, inputs, hooks, model):
+    def probe(hidden, teacher, inputs, attached, model):
         ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
         mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
         t, keep = inputs["completion_ids"].size(1), inputs["completion_mask"].bool()
         head = model.get_base_model().get_output_embeddings()
         rebuilt = torch.nn.functional.linear(hidden[:, -t - 1:-1], head.weight, head.bias).detach()
-        with torch.no_grad(), hooks.phase("training"):
+        with torch.no_grad(), attached.phase("training"):
             want = model(input_ids=ids, attention_mask=mask).logits[:, -t - 1:-1]
         checked.append((rebuilt[keep] - want[keep]).abs().max().item())
 
     _train_one_step_probing(tmp_path, tiny, probe)
     assert len(checked) == 1 and checked[0] < 1e-4
+
+
+def test_distill_refuses_a_model_whose_logits_are_scaled():
+    """The rebuilt logits are lm_head(hidden) / temperature: a model config that scales logits is refused."""
+    from types import SimpleNamespace
+
+    from quarl.rl.distill import DistillTerm
+
+    text = SimpleNamespace(final_logit_softcapping=30.0)
+    lm = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=lm)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        DistillTerm(1.0, "forward").install(trainer, lambda h: None)
+    with pytest.raises(ValueError, match="divergence"):
+        DistillTerm(1.0, "js")

@@ -1,9 +1,9 @@
 """Scale-out through accelerate: two CPU processes (gloo DDP) run `quarl train`; rank 0 alone writes the run.
 
-TRL_NOTES §5 (checked against accelerate's code): ``accelerate launch --cpu --num_processes 2`` starts ONE process
-(the simple launcher spawns several only with an MPI hostfile). Two CPU ranks come from the multi-GPU launcher on a
-host without CUDA, with ``use_cpu=True`` (quarl sets it when CUDA is absent): that is what this test runs. On GPUs the
-same command without CUDA-less trickery is plain multi-GPU data parallelism.
+``accelerate launch --cpu --num_processes 2`` starts ONE process: accelerate's simple launcher spawns several
+processes only with an MPI hostfile. Two CPU ranks come from the multi-GPU launcher on a host without CUDA, with
+``use_cpu=True`` (quarl sets it when CUDA is absent): that is what this test runs. On GPUs the same command is plain
+multi-GPU data parallelism.
 """
 
 import json

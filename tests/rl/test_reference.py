@@ -11,12 +11,12 @@ W4A4 = "injection: {scheme: MXFP4}\n"
 
 
 def _run_one_step(tmp_path, tiny, reference):
-    """One step with beta 0.1; returns (hooks, the ref log-probs TRL used, the batch, the trainer, the last row)."""
+    """One step with beta 0.1; returns (attached, the ref log-probs TRL used, the batch, the trainer, the last row)."""
     from quarl.rl.run import _build
 
     cfg = load_config(W4A4, tiny + ["grpo.steps=1", "grpo.beta=0.1", f"grpo.reference={reference}"])
     (tmp_path / "metrics.jsonl").touch()
-    trainer, recorder, hooks, _ = _build(cfg, tmp_path, 0)
+    trainer, recorder, attached, _ = _build(cfg, tmp_path, 0)
     batches = []
     original = trainer._generate_and_score_completions
 
@@ -30,7 +30,7 @@ def _run_one_step(tmp_path, tiny, reference):
     trainer.train()
     recorder.close()
     assert len(batches) == 1
-    return hooks, batches[0], trainer, read_metrics(tmp_path)[-1]
+    return attached, batches[0], trainer, read_metrics(tmp_path)[-1]
 
 
 def _plain_logps(model, out):
@@ -45,8 +45,8 @@ def _plain_logps(model, out):
 
 @pytest.mark.parametrize("reference", ["unquantized", "injected"])
 def test_reference_runs_with_or_without_the_injection(tmp_path, tiny, reference):
-    hooks, out, trainer, row = _run_one_step(tmp_path, tiny, reference)
-    stats = hooks.injector.stats().values()
+    attached, out, trainer, row = _run_one_step(tmp_path, tiny, reference)
+    stats = attached.injector.stats().values()
     fp32, _ = load_model("testbed:tiny")  # the same shipped weights, never injected
     fp32.eval()
     mask = out["completion_mask"].bool()

@@ -19,7 +19,7 @@ def test_base_frozen_adapters_trained_injection_on_base_layer(tmp_path, tiny):
 
     cfg = load_config("injection: {scheme: MXFP4}\naqn: {schedule: constant, sigma_start: 0.01}\n", tiny)
     (tmp_path / "metrics.jsonl").touch()
-    trainer, recorder, hooks, model = _build(cfg, tmp_path, 0)
+    trainer, recorder, attached, model = _build(cfg, tmp_path, 0)
     base = _base_params(model)
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     trainer.train()
@@ -27,11 +27,11 @@ def test_base_frozen_adapters_trained_injection_on_base_layer(tmp_path, tiny):
     after = dict(model.named_parameters())
     assert all(torch.equal(base[n], after[n]) for n in base), "base weights changed during training"
     assert any(not torch.equal(lora[n], after[n]) for n in lora), "LoRA adapters did not train"
-    mods = hooks.injector.modules
+    mods = attached.injector.modules
     assert len(mods) == 6 * 7 and all(m.endswith("base_layer") for m in mods) and not any("lora_" in m for m in mods)
-    stats = hooks.injector.stats()
+    stats = attached.injector.stats()
     assert all(s["fires"].get("rollout", 0) > 0 and s["fires"].get("training", 0) > 0 for s in stats.values())
-    assert hooks.aqn.applications == 2  # once per optimizer step, in the rollout only
+    assert attached.aqn.applications == 2  # once per optimizer step, in the rollout only
     rows = [r for r in read_metrics(tmp_path) if r["step"] >= 1]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -47,10 +47,10 @@ def test_rollout_only_injection_skips_training_forwards(tmp_path, tiny):
     cfg = load_config("injection: {scheme: MXFP4, apply_during: rollout}\ngrpo: {tis_cap: 1.5}\n",
                       tiny + ["grpo.steps=1"])
     (tmp_path / "metrics.jsonl").touch()
-    trainer, recorder, hooks, _ = _build(cfg, tmp_path, 0)
+    trainer, recorder, attached, _ = _build(cfg, tmp_path, 0)
     trainer.train()
     recorder.close()
-    stats = hooks.injector.stats().values()
+    stats = attached.injector.stats().values()
     assert all(s["fires"].get("rollout", 0) > 0 and s["fires"].get("training", 0) == 0 for s in stats)
     assert all(s["skipped"].get("training", 0) > 0 for s in stats)
     row = read_metrics(tmp_path)[-1]
@@ -63,11 +63,11 @@ def test_without_injection_rollout_and_training_logps_agree(tmp_path, tiny):
 
     cfg = load_config(None, tiny + ["grpo.steps=1"])
     (tmp_path / "metrics.jsonl").touch()
-    trainer, recorder, hooks, _ = _build(cfg, tmp_path, 0)
+    trainer, recorder, attached, _ = _build(cfg, tmp_path, 0)
     trainer.train()
     recorder.close()
     row = read_metrics(tmp_path)[-1]
-    assert hooks.injector is None
+    assert attached.injector is None
     assert row["mismatch/kl"] < 1e-6 and abs(row["mismatch/ratio_max"] - 1) < 1e-3  # same model, same tokens
 
 
@@ -97,6 +97,33 @@ def test_run_directory_is_complete_and_immutable(tmp_path, tiny):
         train("injection: {scheme: NVFP4}\n", tiny, out)
     with pytest.raises(RunFinishedError):
         train(resume=out)
+
+
+def test_train_leaves_process_wide_state_alone(tmp_path, tiny, monkeypatch):
+    """Environment (no HF_HUB_OFFLINE needed: nothing is downloaded), warning filters, logger levels and handlers,
+    and torch's thread count (run.threads) are the same after train() as before; the CLI owns them."""
+    import logging
+    import os
+    import warnings
+
+    import quarl.rl.engine  # noqa: F401  (TRL's import-time registrations happen before the snapshot)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_TELEMETRY", raising=False)
+    loggers = [logging.getLogger(n) for n in ("", "quarl", "trl", "transformers.trainer")]
+
+    def snapshot():
+        return (dict(os.environ), list(warnings.filters), [(lg.level, list(lg.handlers)) for lg in loggers],
+                [h.level for h in logging.getLogger().handlers], torch.get_num_threads())
+
+    before = snapshot()
+    threads = 2 if before[-1] != 2 else 3
+    train(None, tiny + ["grpo.steps=1", "run.checkpoint_every=0", f"run.threads={threads}"], tmp_path / "r")
+    after = snapshot()
+    for what, a, b in zip(("environment", "warning filters", "loggers", "root handler levels", "threads"), before,
+                          after):
+        assert a == b, f"train() changed the process-wide {what}"
+    assert (tmp_path / "r" / "train.log").exists()
 
 
 def test_default_run_id_and_unknown_set_key(tmp_path, tiny, monkeypatch):
@@ -153,14 +180,14 @@ def test_train_on_a_pre_quantized_checkpoint(tmp_path, tiny):
     cfg = load_config(f"model: {{name: {ckpt}}}\naqn: {{schedule: constant, sigma_start: 0.01}}\n",
                       tiny + ["grpo.steps=1"])
     (tmp_path / "metrics.jsonl").touch()
-    trainer, recorder, hooks, peft_model = _build(cfg, tmp_path, 0)
+    trainer, recorder, attached, peft_model = _build(cfg, tmp_path, 0)
     packed = {n: b.clone() for n, b in peft_model.named_buffers() if "weight_packed" in n}
     wrapped = [m for m in peft_model.modules() if isinstance(getattr(m, "base_layer", None), CompressedLinear)]
     assert len(wrapped) == 42 and packed
     trainer.train()
     recorder.close()
     assert all(torch.equal(b, dict(peft_model.named_buffers())[n]) for n, b in packed.items())
-    assert hooks.aqn.applications == 1
+    assert attached.aqn.applications == 1
     with pytest.raises(ValueError, match="pre-quantized checkpoint"):
         _build(load_config(f"model: {{name: {ckpt}}}\ninjection: {{scheme: MXFP4}}\n", tiny), tmp_path, 0)
 
@@ -176,14 +203,14 @@ def test_gradient_checkpointing_gives_the_same_ste_gradient_and_fire_counts(tmp_
         out.mkdir()
         (out / "metrics.jsonl").touch()
         cfg = load_config("injection: {scheme: MXFP4}\n", tiny + ["grpo.steps=1", f"grpo.gradient_checkpointing={gc}"])
-        trainer, recorder, hooks, model = _build(cfg, out, 0)
+        trainer, recorder, attached, model = _build(cfg, out, 0)
         recomputes = []
         q_proj = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer")
         q_proj.register_forward_pre_hook(lambda m, a: recomputes.append(torch._C._current_graph_task_id() != -1))
         trainer.train()
         recorder.close()
         assert any(recomputes) == gc  # the checkpoint recompute really ran inside backward (and only with GC)
-        fires = {k: v["fires"].get("training", 0) for k, v in hooks.injector.stats().items()}
+        fires = {k: v["fires"].get("training", 0) for k, v in attached.injector.stats().items()}
         grads = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
         results.append((read_metrics(out)[-1], fires, grads))
     (row0, fires0, lora0), (row1, fires1, lora1) = results
@@ -198,7 +225,7 @@ def test_aqn_during_both_phases_noises_the_training_forwards_too(tmp_path, tiny)
 
     cfg = load_config("aqn: {schedule: constant, sigma_start: 0.05, apply_during: both}\n", tiny + ["grpo.steps=1"])
     (tmp_path / "metrics.jsonl").touch()
-    trainer, recorder, hooks, model = _build(cfg, tmp_path, 0)
+    trainer, recorder, attached, model = _build(cfg, tmp_path, 0)
     norm = model.get_submodule("base_model.model.model.norm").weight
     clean = norm.detach().clone()
     seen = []
@@ -212,7 +239,7 @@ def test_aqn_during_both_phases_noises_the_training_forwards_too(tmp_path, tiny)
     assert torch.equal(norm, clean)
     row = read_metrics(tmp_path)[-1]
     assert row["mismatch/kl"] < 1e-6  # rollout and training saw the same noise: no mismatch
-    assert hooks.aqn.applications == 1
+    assert attached.aqn.applications == 1
 
 
 def _one_step(tmp_path, tiny, text):
@@ -229,11 +256,11 @@ def test_mismatch_comes_from_the_loss_forward_without_an_extra_pass(tmp_path, ti
         out = tmp_path / f"tis{tis}"
         out.mkdir()
         extra = f"\ngrpo: {{tis_cap: {tis}}}\n" if tis else "\n"
-        trainer, recorder, hooks, _ = _one_step(out, tiny, "injection: {scheme: MXFP4}\naqn: {sigma_start: 0.01, "
+        trainer, recorder, attached, _ = _one_step(out, tiny, "injection: {scheme: MXFP4}\naqn: {sigma_start: 0.01, "
                                                 "schedule: constant}" + extra)
         trainer.train()
         recorder.close()
-        fires = [s["fires"].get("training", 0) for s in hooks.injector.stats().values()]
+        fires = [s["fires"].get("training", 0) for s in attached.injector.stats().values()]
         assert set(fires) == {forwards}, (tis, set(fires))
         row = read_metrics(out)[-1]
         assert row["mismatch/kl"] > 0 and row["mismatch/ratio_max"] > 1.0
@@ -241,8 +268,9 @@ def test_mismatch_comes_from_the_loss_forward_without_an_extra_pass(tmp_path, ti
 
 def test_loss_forward_mismatch_equals_a_separate_training_forward(tmp_path, tiny):
     from quarl.rl.health import mismatch_stats
+    from quarl.rl.mismatch import training_logps
 
-    trainer, recorder, hooks, _ = _one_step(tmp_path, tiny, "injection: {scheme: MXFP4}\n"
+    trainer, recorder, attached, _ = _one_step(tmp_path, tiny, "injection: {scheme: MXFP4}\n"
                                             "aqn: {sigma_start: 0.01, schedule: constant}\n")
     separate = []
     original = trainer._generate_and_score_completions
@@ -250,8 +278,8 @@ def test_loss_forward_mismatch_equals_a_separate_training_forward(tmp_path, tiny
     def wrapped(inputs):
         out = original(inputs)
         if trainer.model.training:
-            separate.append(mismatch_stats(trainer._training_logps(out), out["sampling_per_token_logps"],
-                                           out["completion_mask"], hooks.mismatch_cap))
+            separate.append(mismatch_stats(training_logps(trainer, out), out["sampling_per_token_logps"],
+                                           out["completion_mask"], trainer.options.mismatch_cap))
         return out
 
     trainer._generate_and_score_completions = wrapped

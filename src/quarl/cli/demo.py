@@ -54,6 +54,9 @@ def _formats_step() -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from quarl.cli.train import process_settings
+
+    process_settings()  # offline hub, warning filters, logging levels (the library leaves them alone)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = args.out or Path("runs") / "demo" / stamp
     if out.exists():
@@ -112,7 +115,7 @@ def _demo_config(args: argparse.Namespace) -> tuple[str, list[str]]:
     steps, n = args.steps, args.n or 500
     overrides = [f"model.name={args.model}", f"grpo.steps={steps}", f"eval.n={n}", f"eval.every={max(1, steps // 2)}",
                  "eval.batch_size=100", "run.checkpoint_every=0", "run.name=demo", *args.overrides]
-    return example_text("w4a4"), overrides
+    return example_text(), overrides
 
 
 def _baseline(cfg, out: Path) -> dict:
@@ -120,15 +123,12 @@ def _baseline(cfg, out: Path) -> dict:
     import json
 
     from quarl.data.sources import load_source
-    from quarl.eval.harness import EvalConfig, GenerationConfig, run_eval
+    from quarl.eval.harness import run_eval
     from quarl.models.load import load_model
 
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
     problems = load_source(cfg.data.val_source or cfg.data.source, cfg.eval.n, "test")
-    gen = GenerationConfig(max_new_tokens=cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens,
-                           batch_size=cfg.eval.batch_size)
-    result = run_eval(model, tokenizer, problems, EvalConfig(generation=gen, scorer=cfg.grpo.scorer,
-                                                             format_score=cfg.grpo.format_score))
+    result = run_eval(model, tokenizer, problems, cfg.validation())
     correct = {s.id: bool(s.correct_strict) for s in result.samples}
     (out / "fp32_eval.jsonl").write_text("".join(json.dumps({"id": i, "correct_strict": c}) + "\n"
                                                  for i, c in correct.items()))
@@ -143,6 +143,7 @@ def _verdict(delta) -> str:
 
 
 def _demo_table(config: dict, fp32, w4a4_0, final, delta, verdict: str, steps: int, n_problems: int) -> str:
+    from quarl.mdtable import render_table
     from quarl.runs.results import describe_config
 
     c = describe_config(config)
@@ -153,15 +154,14 @@ def _demo_table(config: dict, fp32, w4a4_0, final, delta, verdict: str, steps: i
             ["demo", f"GRPO + LoRA, {steps} steps, under the injection", c["format"], c["injection"], c["phase"],
              c["ste"], c["aqn"], w4a4_0.fmt(), final.fmt(), ("+" if delta.mean > 0 else "") + delta.fmt(),
              verdict]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + (f"\n\nStrict validation accuracy in points on {n_problems} held-out problems "
-                                "(95% Wilson intervals); Δ is paired over the same problems (bootstrap).\n")
+    return render_table(head, rows) + (f"\n\nStrict validation accuracy in points on {n_problems} held-out "
+                                       "problems (95% Wilson intervals); Δ is paired over the same problems "
+                                       "(bootstrap).\n")
 
 
 def _train_demo(args: argparse.Namespace, out: Path) -> int:
     from quarl.rl import load_config, train
-    from quarl.rl.engine import check_trl
+    from quarl.rl.trl_contract import check_trl
     from quarl.runs import run_id
     from quarl.runs.plot import plot_groups
     from quarl.runs.results import read_eval

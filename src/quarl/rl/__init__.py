@@ -1,7 +1,7 @@
-"""quarl.rl: GRPO + LoRA over the quantized model, on TRL (`quarl.rl.engine` is the only TRL-specific module).
+"""quarl.rl: GRPO + LoRA over the quantized model, on TRL (the TRL seam: `quarl.rl.engine`, `quarl.rl.vllm`).
 
     from quarl.rl import train, load_config
-    run_dir = train("configs/testbed_w4a4.yaml", ["grpo.steps=20"])
+    run_dir = train("my.yaml", ["grpo.steps=20"])  # my.yaml: e.g. the output of `quarl train --example`
     train(resume=run_dir)
 
 `train` is imported lazily so that ``import quarl.rl`` (configs, health metrics) works without TRL installed.

@@ -2,7 +2,8 @@
 
 `Validator` evaluates the held-out set greedily under the *declared* quantization (the run's own injector, phase
 ``rollout``; AQN off unless ``eval.aqn``) and takes the quantization actually applied from the injector's telemetry
-(hook fires during the evaluation), raising if a declared rollout injection never fired (FIELD_NOTES §2 item 6).
+(hook fires during the evaluation), raising if a declared rollout injection never fired: an accuracy measured without
+the quantization it claims would be reported as the quantized one.
 
 `RunRecorder` is a ``TrainerCallback``: on every optimizer step it times the step, validates on eval steps (every
 ``eval.every`` and always at the final step), and on TRL's log event writes one JSON row per step to
@@ -22,7 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from quarl.eval.harness import EvalConfig, GenerationConfig, run_eval
+from quarl.eval.harness import run_eval
 from quarl.eval.results import source_metrics
 from quarl.inject.spec import Phase
 from quarl.runs import registry
@@ -36,22 +37,22 @@ _DROP = ("epoch", "total_flos", "train_runtime", "train_samples_per_second", "tr
 class Validator:
     """Greedy held-out accuracy of the training model under the run's declared rollout quantization."""
 
-    def __init__(self, model: Any, tokenizer: Any, problems: list, hooks: Any, cfg: Any, out_dir: Path | None) -> None:
-        self.model, self.tokenizer, self.problems, self.hooks, self.cfg = model, tokenizer, problems, hooks, cfg
+    def __init__(self, model: Any, tokenizer: Any, problems: list, attached: Any, cfg: Any,
+                 out_dir: Path | None) -> None:
+        """``attached``: the run's `quarl.rl.options.Attached` (injector, AQN); ``cfg``: its `TrainConfig`."""
+        self.model, self.tokenizer, self.problems, self.attached, self.cfg = model, tokenizer, problems, attached, cfg
         self.out_dir = out_dir
-        max_new = cfg.eval.max_new_tokens or cfg.grpo.max_new_tokens
-        self.eval_cfg = EvalConfig(generation=GenerationConfig(max_new_tokens=max_new, batch_size=cfg.eval.batch_size),
-                                   scorer=cfg.grpo.scorer, format_score=cfg.grpo.format_score)
+        self.eval_cfg = cfg.validation()
 
     def _fires(self) -> dict[str, int]:
-        inj = self.hooks.injector
+        inj = self.attached.injector
         return {} if inj is None else {k: v["fires"].get("rollout", 0) for k, v in inj.stats().items()}
 
     def __call__(self, step: int) -> dict[str, Any]:
         before = self._fires()
         t0 = time.perf_counter()
-        noise = self.hooks.aqn.noised(step) if self.cfg.eval.aqn and self.hooks.aqn is not None else nullcontext()
-        with self.hooks.phase("rollout"), noise:
+        noise = self.attached.aqn.noised(step) if self.cfg.eval.aqn and self.attached.aqn is not None else nullcontext()
+        with self.attached.phase("rollout"), noise:
             result = run_eval(self.model, self.tokenizer, self.problems, self.eval_cfg, progress=False)
         row = self._row(result, self._applied(before))
         row["val/time_s"] = time.perf_counter() - t0
@@ -60,7 +61,7 @@ class Validator:
         return row
 
     def _applied(self, before: dict[str, int]) -> dict[str, Any]:
-        inj = self.hooks.injector
+        inj = self.attached.injector
         if inj is None:
             return {"val/quant_modules": 0, "val/quant_fires": 0}
         after = self._fires()

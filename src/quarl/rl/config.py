@@ -7,12 +7,13 @@ Blocks (each its own frozen dataclass; YAML nests at most two levels):
     injection  an `InjectionSpec` (absent / null = unquantized)
     aqn        an `AQNConfig` (absent / null or ``enabled: false`` = off)
     lora       PEFT LoRA on the frozen base
-    grpo       the GRPO / DAPO algorithm (mapped onto TRL's GRPOConfig by `quarl.rl.engine`)
+    grpo       the GRPO / DAPO algorithm (mapped onto TRL's GRPOConfig by `quarl.rl.run`)
     eval       validation: every N steps (and always at step 0 and the final step), how many problems
     run        seed, name, checkpointing
 
 Unknown keys anywhere -- in the file or through ``--set`` -- are errors naming the nearest valid key
-(`quarl.configio`), because a silently dropped key is how per-layer sigmas went unread (FIELD_NOTES §2 item 3).
+(`quarl.configio`): a silently dropped key (a misspelt per-layer sigma, say) would run a different experiment than
+the one written down.
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ class TrainConfig:
     @property
     def aqn_enabled(self) -> bool:
         return self.aqn is not None and self.aqn.enabled
+
+    def validation(self) -> Any:
+        """The `quarl.eval.harness.EvalConfig` of this run's validation: greedy, ``eval.max_new_tokens`` (default
+        ``grpo.max_new_tokens``), ``eval.batch_size``, scored like the reward (``grpo.scorer``, ``format_score``).
+        The trainer's validator and ``quarl demo``'s unquantized baseline both use it, so they score alike."""
+        from quarl.eval.harness import EvalConfig, GenerationConfig
+
+        gen = GenerationConfig(max_new_tokens=self.eval.max_new_tokens or self.grpo.max_new_tokens,
+                               batch_size=self.eval.batch_size)
+        return EvalConfig(generation=gen, scorer=self.grpo.scorer, format_score=self.grpo.format_score)
 
     def to_dict(self) -> dict[str, Any]:
         return configio.to_dict(self)

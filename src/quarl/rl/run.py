@@ -1,14 +1,19 @@
 """`train`: one GRPO + LoRA run over the (optionally quantized) model, recorded in an immutable run directory.
 
-    run_dir = train("configs/testbed_w4a4.yaml", ["grpo.steps=50"])          # runs/<name>-<hash>-s<seed>/
-    train(resume=run_dir)                                                   # continue after a kill (SIGKILL too)
+    run_dir = train("my.yaml", ["grpo.steps=50"])   # my.yaml: e.g. `quarl train --example`; runs/<name>-<hash>-s<seed>/
+    train(resume=run_dir)                                   # continue after a kill (SIGKILL too)
 
-Order of construction (each step is what the issue and FIELD_NOTES require, in the order that keeps them true):
-seed -> model -> PEFT LoRA (the base frozen) -> injector on the PEFT model (so it sits on ``base_layer``; adapters are
-never quantized) -> AQN (zero matched modules or an always-zero schedule raise here, before step 1) -> data ->
-TRL config -> `QuarlGRPOTrainer` -> step-0 validation -> ``trainer.train``. The run directory holds ``config.yaml``
-(resolved), ``env.json`` (versions, git), ``metrics.jsonl``, ``tb/``, ``eval/step-N.jsonl``, ``checkpoints/``,
-``train.log`` and the registry's ``run.json`` / ``heartbeat.json`` / ``exit.json``.
+Order of construction (each step depends on the ones before it): seed -> model -> PEFT LoRA (the base frozen) ->
+injector on the PEFT model (so it sits on ``base_layer``; adapters are never quantized) -> AQN (zero matched modules
+or an always-zero schedule raise here, before step 1) -> data -> TRL config -> `QuarlGRPOTrainer` (`TrainerOptions`
+from the config, the `Attached` injector and AQN) -> step-0 validation -> ``trainer.train``. The run directory holds
+``config.yaml`` (resolved), ``env.json`` (versions, git), ``metrics.jsonl``, ``tb/``, ``eval/step-N.jsonl``,
+``checkpoints/``, ``train.log`` and the registry's ``run.json`` / ``heartbeat.json`` / ``exit.json``.
+
+`train` leaves process-wide state alone: environment variables (offline mode), warning filters and logger levels are
+the caller's (``quarl train`` sets them; `quarl.cli.train.process_settings`). ``train.log`` receives the records the
+``quarl``, ``transformers.trainer`` and ``trl`` loggers let through at INFO and above; ``torch``'s thread count
+(``run.threads``) is restored when the run ends.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,7 @@ from quarl.inject.spec import Phase
 from quarl.models import load_model
 from quarl.noise import AQN
 from quarl.rl.config import TrainConfig, load_config
+from quarl.rl.resume import last_checkpoint
 from quarl.runs import registry
 
 logger = logging.getLogger(__name__)
@@ -79,7 +84,7 @@ def _injector(model: Any, cfg: TrainConfig) -> Any:
         injector.detach()
         raise ValueError("injection.quantize_lm_head with apply_during covering 'training' is not supported on TRL: "
                          "TRL's fused LM head reads lm_head.weight directly, so the head's injection would silently "
-                         "not apply to the training log-probs (TRL_NOTES §1). Use apply_during: rollout.")
+                         "not apply to the training log-probs. Use apply_during: rollout.")
     return injector
 
 
@@ -165,14 +170,6 @@ def _wait_for(path: Path, timeout_s: float = 120) -> None:
         time.sleep(0.2)
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that quarl marked complete (a half-written one after SIGKILL is skipped)."""
-    from quarl.rl.engine import COMPLETE_MARKER
-
-    done = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
 def _rewind(run_dir: Path, step: int) -> None:
     """Drop what was recorded after ``step`` (the resumed run recomputes it): metrics rows and eval files."""
     rows = registry.read_metrics(run_dir)
@@ -186,17 +183,13 @@ def _rewind(run_dir: Path, step: int) -> None:
 
 
 def _log_file(run_dir: Path) -> logging.Handler:
+    """A ``train.log`` handler on quarl's, the HF Trainer's and TRL's loggers (removed when the run ends); which
+    records reach it is up to the loggers' levels, which the caller owns."""
     handler = logging.FileHandler(run_dir / ("train.log" if _rank() == 0 else f"train.rank{_rank()}.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    for h in root.handlers:  # keep the console at its level while train.log records INFO
-        if h.level == logging.NOTSET:
-            h.setLevel(root.getEffectiveLevel())
     for name in _FILE_LOGGERS:
         logging.getLogger(name).addHandler(handler)
-    if logging.getLogger("quarl").getEffectiveLevel() > logging.INFO:
-        logging.getLogger("quarl").setLevel(logging.INFO)
     return handler
 
 
@@ -228,20 +221,18 @@ def _build(cfg: TrainConfig, run_dir: Path, start_step: int) -> tuple:
     from transformers import PrinterCallback, set_seed
 
     from quarl.rl.callbacks import RunRecorder, Validator
-    from quarl.rl.engine import QuarlGRPOTrainer, RolloutHooks
+    from quarl.rl.engine import QuarlGRPOTrainer
+    from quarl.rl.options import Attached, TrainerOptions
 
     set_seed(cfg.run.seed)
     model, tokenizer = load_model(cfg.model.name, dtype=cfg.model.dtype)
     model = _lora(model, cfg)
-    injector = _injector(model, cfg)
-    aqn = AQN(model, cfg.aqn, cfg.grpo.steps, start_step) if cfg.aqn_enabled else None
+    attached = Attached(injector=_injector(model, cfg),
+                        aqn=AQN(model, cfg.aqn, cfg.grpo.steps, start_step) if cfg.aqn_enabled else None)
     train_rows = _prompts(tokenizer, load_source(cfg.data.source, cfg.data.train_n, "train", cfg.data.seed))
     val = load_source(cfg.data.val_source or cfg.data.source, cfg.eval.n, "test")
     from datasets import Dataset
 
-    hooks = RolloutHooks(injector, aqn, cfg.grpo.tis_cap, cfg.grpo.mismatch_cap,
-                         reference_unquantized=cfg.grpo.reference == "unquantized", distill=cfg.grpo.distill,
-                         distill_divergence=cfg.grpo.distill_divergence, norms_lr=cfg.lora.norms_lr)
     funcs, weights = _rewards(cfg)
     args = _trl_args(cfg, run_dir)
     args.reward_weights = weights
@@ -252,25 +243,25 @@ def _build(cfg: TrainConfig, run_dir: Path, start_step: int) -> tuple:
         for key, value in vllm_args(cfg.grpo.tis_cap).items():
             setattr(args, key, value)
     trainer = QuarlGRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
-                               processing_class=tokenizer, quarl=hooks)
+                               processing_class=tokenizer, options=TrainerOptions.from_config(cfg), attached=attached)
     if cfg.grpo.use_vllm:
         from quarl.rl.vllm import attach_to_vllm
 
-        hooks.vllm_injector, hooks.vllm_aqn = attach_to_vllm(trainer, cfg.injection, cfg.aqn, cfg.grpo.steps,
-                                                             start_step)
+        attached.vllm_injector, attached.vllm_aqn = attach_to_vllm(trainer, cfg.injection, cfg.aqn, cfg.grpo.steps,
+                                                                   start_step)
     main = trainer.accelerator.is_main_process
-    validator = Validator(model, tokenizer, val, hooks, cfg, run_dir if main else None)
+    validator = Validator(model, tokenizer, val, attached, cfg, run_dir if main else None)
     recorder = RunRecorder(run_dir, validator, cfg.eval.every, cfg.grpo.steps, main, start_step)
     trainer.add_callback(recorder)
     trainer.remove_callback(PrinterCallback)  # RunRecorder owns stdout: a progress bar, not a dict per step
-    return trainer, recorder, hooks, model
+    return trainer, recorder, attached, model
 
 
-def _check_after(cfg: TrainConfig, hooks: Any) -> None:
-    if hooks.aqn is not None and hooks.aqn.applications == 0:
+def _check_after(attached: Any) -> None:
+    if attached.aqn is not None and attached.aqn.applications == 0:
         raise RuntimeError("AQN was enabled but never fired during training (no rollout saw sigma > 0)")
-    if hooks.injector is not None and hooks.injector.spec.apply_during.covers(Phase.ROLLOUT):
-        hooks.injector.check_fired("rollout")
+    if attached.injector is not None and attached.injector.spec.apply_during.covers(Phase.ROLLOUT):
+        attached.injector.check_fired("rollout")
 
 
 def train(config: str | Path | dict | TrainConfig | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -283,21 +274,18 @@ def train(config: str | Path | dict | TrainConfig | None = None, overrides: list
         out_dir: the run directory (default ``runs/<id>`` from the config hash and seed; never overwritten).
         resume: an existing run directory to continue from its newest complete checkpoint.
     """
-    for message in ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated"):
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)  # transformers 5.x rename noise
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if isinstance(config, TrainConfig):
         config = config.to_dict()
     cfg, run_dir, ckpt = _resolve(config, list(overrides), Path(out_dir) if out_dir else None,
                                   Path(resume) if resume else None)
+    threads = torch.get_num_threads()
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     handler = _log_file(run_dir)
     start = int(ckpt.name.split("-")[1]) if ckpt else 0
     step = start
     try:
-        trainer, recorder, hooks, model = _build(cfg, run_dir, start)
+        trainer, recorder, attached, _ = _build(cfg, run_dir, start)
         try:
             if ckpt is None and recorder.main:
                 recorder.write_row({"step": 0, **recorder.validator(0)})
@@ -305,7 +293,7 @@ def train(config: str | Path | dict | TrainConfig | None = None, overrides: list
             logger.info("train: %s from step %d of %d", run_dir, start, cfg.grpo.steps)
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
             step = trainer.state.global_step
-            _check_after(cfg, hooks)
+            _check_after(attached)
         finally:
             recorder.close()
         if recorder.main:
@@ -319,4 +307,5 @@ def train(config: str | Path | dict | TrainConfig | None = None, overrides: list
         for name in _FILE_LOGGERS:
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+        torch.set_num_threads(threads)
     return run_dir
