@@ -126,7 +126,11 @@ def main(rank: int, world: int, workdir: str) -> None:
         ref = build(os.path.join(workdir, "model"), forward_only=True, lora_rank=0)
         digests = [None] * world
         dist.all_gather_object(digests, engine.quarl_config.digest())
-        result = {"engine": type(engine).__qualname__, "loaded_before": loaded_before, "lp0": lp0, "lp1": lp1,
+        cache = {fqn: m.weight._value for fqn, m in inj._modules.items() if m.weight._value is not None}
+        result = {"cache_bytes": sum(v.numel() * v.element_size() for v in cache.values()),
+                  "cache_numel": {fqn: v.numel() for fqn, v in cache.items()},
+                  "shard_bytes": sum(p.to_local().numel() * p.element_size() for p in engine.module.parameters()),
+                  "engine": type(engine).__qualname__, "loaded_before": loaded_before, "lp0": lp0, "lp1": lp1,
                   "lora0": lora0, "lora1": lora_state(engine.module), "hooked": inj.modules,
                   "metrics": dict(out["metrics"]), "digests": digests,
                   "ref_engine": type(ref).__qualname__, "ref_hooked": ref.quarl_injector.modules,

@@ -129,3 +129,20 @@ def test_reference_engine_is_injected_like_the_policy(runs):
     assert len(r["ref_hooked"]) == 14 and not any(m.endswith("base_layer") for m in r["ref_hooked"])  # no LoRA
     mask = _engine_run.batch(128)["response_mask"].bool()
     torch.testing.assert_close(r["ref_lp"][mask], r["lp0"][mask], atol=ATOL, rtol=0)  # LoRA B = 0 at init
+
+
+def test_weight_cache_holds_a_full_size_copy_per_rank(runs):
+    """The measured cost documented in docs/verl.md: sum over injected linears of out*in*element size, on every rank,
+    while FSDP2 holds only 1/world of each parameter."""
+    from transformers import AutoConfig
+
+    _, out = runs
+    cfg = AutoConfig.from_pretrained(runs[0] / "model")
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    per_layer = h * h * 2 + 2 * kv * h + 3 * h * i  # q, o; k, v; gate, up, down
+    expected = cfg.num_hidden_layers * per_layer * 4  # fp32 weights here; bf16 would be 2 bytes each
+    for world in (1, 2):
+        for r in out[world]:
+            assert r["cache_bytes"] == expected and len(r["cache_numel"]) == 14
+    assert out[2][0]["shard_bytes"] < out[1][0]["shard_bytes"]  # the parameters are sharded, the cache is not

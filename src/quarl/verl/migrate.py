@@ -43,6 +43,7 @@ PLUGIN_OVERRIDES = (
     "actor_rollout_ref.model.external_lib=quarl.verl",
     f'+ray_kwargs.ray_init.runtime_env.env_vars.{ENV}="${ENV}"',
     "actor_rollout_ref.rollout.enforce_eager=True",
+    "actor_rollout_ref.model.lora.merge=True",  # vLLM's LoRA layers call the base kernel directly, skipping hooks
     "+actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls=quarl.verl.rollout.QuarlWorkerExtension",
     "reward.custom_reward_function.path=pkg://quarl.verl.reward",
     "reward.custom_reward_function.name=compute_score",
