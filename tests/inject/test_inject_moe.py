@@ -324,3 +324,28 @@ def test_output_error_on_each_expert_matmul_and_noise_models_per_expert():
             assert not torch.equal(noisy, clean) and torch.equal(experts(h, idx, w), noisy)  # one draw per version
             assert inj.stats()["model.layers.0.mlp.experts"]["weight_computations"] == 2
         assert torch.equal(experts(h, idx, w), clean)
+
+
+def test_merging_expert_lora_invalidates_the_cached_expert_weights():
+    """PEFT's merge writes W + B A into the expert weights through .data (no version bump): the next forward must
+    re-quantize, so the merged model's injected output equals the unmerged one's (e(W + BA) vs e(W) + BA differ;
+    what matters is that the cache never serves e(W) for a merged W)."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(tiny_moe("qwen2_moe"), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    with torch.no_grad(), attach(lora, InjectionSpec(scheme="MXFP4A16")):
+        lora(IDS)
+        lora.merge_adapter()
+        merged = lora(IDS).logits
+        lora.unmerge_adapter()
+    plain = get_peft_model(tiny_moe("qwen2_moe"), LoraConfig(r=4, target_modules="all-linear"))
+    plain.load_state_dict(lora.state_dict())
+    with torch.no_grad():
+        plain.merge_adapter()
+        with attach(plain, InjectionSpec(scheme="MXFP4A16")):
+            fresh = plain(IDS).logits  # a cache that never saw the unmerged weights
+    assert torch.equal(merged, fresh)
