@@ -23,7 +23,7 @@ MX_VARIANTS = [("mxfp4", {}), ("mxfp4", {"scale_mode": "rceil"}), ("mxfp4", {"sc
                ("mxfp8_e5m2", {"scale_mode": "ceil"}), ("mxint8", {}), ("mxint8", {"rounding": "half_away"}),
                ("mxint8", {"scale_mode": "rceil"})]
 NV_VARIANTS = [("nvfp4", {"profile": p, "nonfinite": nf, **extra})
-               for p in ("compressed_tensors", "torchao", "transformer_engine")
+               for p in ("compressed_tensors", "torchao", "transformer_engine", "vllm")
                for nf in ("reference", "block") for extra in ({}, {"rounding": "half_away"})]
 VARIANTS = MX_VARIANTS + NV_VARIANTS
 IDS = [f"{n}-{'-'.join(f'{v}' for v in o.values()) or 'default'}" for n, o in VARIANTS]
@@ -121,7 +121,8 @@ def test_native_every_block_scale(name, opts):
 
 
 @pytest.mark.parametrize("name,opts", [("mxfp4", {}), ("nvfp4", {}), ("nvfp4", {"profile": "torchao"}),
-                                       ("nvfp4", {"profile": "transformer_engine", "nonfinite": "block"})])
+                                       ("nvfp4", {"profile": "transformer_engine", "nonfinite": "block"}),
+                                       ("nvfp4", {"profile": "vllm"})])
 def test_native_multithreaded_nonfinite(name, opts):
     # both NVFP4 passes in one parallel region: the tensor amax, the reference policy's "eager decides", NaN blocks
     fmt, threads = get_format(name, **opts), torch.get_num_threads()
@@ -181,7 +182,8 @@ def test_native_portable_build(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("name,opts", [("mxfp4", {}), ("nvfp4", {}), ("nvfp4", {"profile": "transformer_engine"})])
+@pytest.mark.parametrize("name,opts", [("mxfp4", {}), ("nvfp4", {}), ("nvfp4", {"profile": "transformer_engine"}),
+                                       ("nvfp4", {"profile": "vllm"})])
 def test_native_other_dtypes(name, opts, dtype):
     fmt = get_format(name, **opts)
     x = FINITE["outliers"](rows=16, cols=96, seed=2).to(dtype)
@@ -191,7 +193,7 @@ def test_native_other_dtypes(name, opts, dtype):
                                             if dtype != torch.float64 else ref)
 
 
-@pytest.mark.parametrize("profile", ["compressed_tensors", "torchao", "transformer_engine"])
+@pytest.mark.parametrize("profile", ["compressed_tensors", "torchao", "transformer_engine", "vllm"])
 @pytest.mark.parametrize("nonfinite_policy", ["reference", "block"])
 def test_native_static_global_amax(profile, nonfinite_policy):
     fmt = get_format("nvfp4", profile=profile, nonfinite=nonfinite_policy)

@@ -57,7 +57,7 @@ def fake_quantize(x: torch.Tensor, fmt: QFormat) -> torch.Tensor | None:
     """
     if not serves(fmt) or x.dim() == 0 or x.numel() == 0 or x.shape[-1] % fmt.block_size:
         return None
-    if fmt.tensor_scale is not TensorScale.DYNAMIC:  # one T per tensor only (per-row / static: eager)
+    if fmt.tensor_scale is not TensorScale.DYNAMIC or fmt.profile is Profile.VLLM:  # not in the Triton kernels
         return None
     if fmt.axis not in (-1, x.dim() - 1):
         return None

@@ -13,8 +13,9 @@ Contract: bit-identical to ``fake_quantize_eager`` (values, signs of zero, NaN p
 accepts; tests/formats/test_native.py checks it on the adversarial sets. Anything it does not serve returns None and
 the caller goes on to the compiled or eager path:
 
-* formats: MX (every element grid, scale mode, ``rne`` / ``half_away``) and NVFP4 (three profiles, both non-finite
-  policies, 1-D blocks), blocks along the last dim, no Hadamard rotation, deterministic rounding;
+* formats: MX (every element grid, scale mode, ``rne`` / ``half_away``) and NVFP4 (all four profiles, both
+  non-finite policies, 1-D blocks; ``tensor_scale`` dynamic, static through ``fake_quantize(..., global_amax)``, and
+  per_token as one static-amax call per row), blocks along the last dim, no Hadamard rotation, deterministic rounding;
 * tensors: CPU, fp32 (other float dtypes are converted to fp32 and back, as eager does), non-empty;
 * inputs whose eager result hinges on NaN propagation through tensor-level constants (a non-finite tensor under
   ``nonfinite="reference"``, torchao's all-zero 0/0): the kernel says so and eager computes them.
@@ -64,7 +65,7 @@ PARALLEL_MIN = 1 << 16  # elements from which the kernel uses torch's intra-op t
 NT_MIN = 1 << 22
 BASE_FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=c11")
 _MODE = {ScaleMode.FLOOR: 0, ScaleMode.CEIL: 1, ScaleMode.EVEN: 2, ScaleMode.RCEIL: 3}
-_PROFILE = {Profile.COMPRESSED_TENSORS: 0, Profile.TORCHAO: 1, Profile.TRANSFORMER_ENGINE: 2}
+_PROFILE = {Profile.COMPRESSED_TENSORS: 0, Profile.TORCHAO: 1, Profile.TRANSFORMER_ENGINE: 2, Profile.VLLM: 3}
 _I64, _I32, _F32, _PTR = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
 _CALL_ARGS = [_PTR, _PTR, _I64, _I64, _PTR, ctypes.c_int, ctypes.c_int]  # x, y, rows, len, &params, threads, nt
 
@@ -175,8 +176,6 @@ def serves(fmt: QFormat) -> bool:
     """Whether the kernel implements ``fmt`` (format features only; tensors are checked per call)."""
     if fmt.family not in (Family.MX, Family.NVFP4) or fmt.hadamard or fmt.block_2d:
         return False
-    if fmt.profile is Profile.VLLM:
-        return False  # eager only (vLLM's scale arithmetic is not in the C source)
     return fmt.rounding is not RoundingMode.STOCHASTIC
 
 

@@ -1,7 +1,7 @@
 """C source of the native kernel's NVFP4 part (``quarl_nvfp4_fq``); ``native_source.SOURCE`` appends it to the
 shared numerics and the MX kernel, which it uses (vector layer, block amaxes, ``CHUNK_AT``, ``nv_params``).
 
-``nvfp4.quantize_blocks`` per profile, in two passes over chunks of 64 blocks: the tensor amax (the block amaxes are
+``nvfp4.quantize_blocks`` per profile (0 compressed_tensors, 1 torchao, 2 transformer_engine, 3 vllm), in two passes over chunks of 64 blocks: the tensor amax (the block amaxes are
 kept), then per chunk the per-block multipliers on vectors across blocks and the element loop. Same contract as
 ``native_source``: bit-identical to ``fake_quantize_eager``, checked by tests/formats/test_native.py.
 """
@@ -24,6 +24,13 @@ static inline void nv_scales(const uint32_t* bits, int64_t nj, int profile, floa
             vf m = s8 / gs; /* eff: x / eff, then * eff */
             vstore(mul + j, m);
             vstore(dq + j, m);
+        } else if (profile == 3) { /* vllm: b * fp32(1/6), no zero replacement, x * r(s8 * r(gs)) */
+            vf v = gs * (b * c6);
+            v = vself(v > 448.0f, vsplat(448.0f), v);
+            vf s8 = e4m3v(v);
+            vf p = s8 * rp; /* rp = r(gs) */
+            vstore(mul + j, 1.0f / (p + vself(p == 0.0f, vsplat(1e8f), vsplat(0.0f))));
+            vstore(dq + j, s8 / gs);
         } else if (profile == 1) {
             vf v = (b / 6.0f) / pts;
             v = vself(v < 0.015625f, vsplat(0.015625f), vself(v > 448.0f, vsplat(448.0f), v));
@@ -45,10 +52,11 @@ typedef struct { float T, gs, pts, rp, senc, sdec; int status; } nv_consts;
 
 static nv_consts nv_constants(float T, int profile) {
     nv_consts k = {T, 1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 0};
-    if (profile == 0) {
+    if (profile == 0 || profile == 3) {
         float tc = T < FLT_MIN ? FLT_MIN : T;
         k.gs = (1.0f / tc) * 2688.0f;
         if (!(fabsf(k.gs) <= FLT_MAX)) k.gs = 1.0f;
+        k.rp = 1.0f / (k.gs + (k.gs == 0.0f ? 1e8f : 0.0f)); /* vllm get_reciprocal(gs) */
     } else if (profile == 1) {
         k.pts = T / 2688.0f;
         k.rp = 1.0f / k.pts;
@@ -117,6 +125,17 @@ static inline int nv_run16(const float* restrict xs, float* restrict ys, int64_t
     return bad;
 }
 
+/* vllm: cast_to_fp4 returns sign(v) * |q|, so a scaled value v = x * mul of +-0 gives +0 (dq is finite, >= 0) */
+static inline void nv_unsigned_zeros(const float* xr, float* yr, int64_t len, int64_t block, int64_t j0,
+                                     int64_t nj, const uint32_t* bits, const float* mul) {
+    for (int64_t j = 0; j < nj; j++) {
+        if (bits[j] >= 0x7F800000u) continue;
+        int64_t off = (j0 + j) * block, n = len - off < block ? len - off : block;
+        for (int64_t k = off; k < off + n; k++)
+            if (xr[k] * mul[j] == 0.0f) yr[k] = 0.0f;
+    }
+}
+
 /* quantize pass over one chunk, in three steps so that the per-block scale arithmetic (divisions, the E4M3
    rounding) runs on vectors across blocks instead of as a serial chain per block; returns 1 when a non-finite block
    meets the reference policy (a static T: the eager path decides) */
@@ -138,6 +157,7 @@ static inline int nv_quantize_chunk(const float* restrict xr, float* restrict yr
             bad = nt ? nv_run16(xs, ys, nj, bits, mul, dq, 1, 1) : nv_run16(xs, ys, nj, bits, mul, dq, 1, 0);
         else
             bad = nt ? nv_run16(xs, ys, nj, bits, mul, dq, 0, 1) : nv_run16(xs, ys, nj, bits, mul, dq, 0, 0);
+        if (profile == 3) nv_unsigned_zeros(xr, yr, len, block, j0, nj, bits, mul);
         return bad && !policy_block;
     }
     for (int64_t j = 0; j < nj; j++) {
@@ -146,10 +166,11 @@ static inline int nv_quantize_chunk(const float* restrict xr, float* restrict yr
         if (n == 16 && !half_away) fq_block(xr + off, yr + off, 16, mul[j], dq[j], profile == 0, 1, 0, 6.0f, 0);
         else fq_block(xr + off, yr + off, n, mul[j], dq[j], profile == 0, 1, 0, 6.0f, half_away);
     }
+    if (profile == 3) nv_unsigned_zeros(xr, yr, len, block, j0, nj, bits, mul);
     return eager;
 }
 
-/* NVFP4 fake quantization (profile 0 compressed_tensors, 1 torchao, 2 transformer_engine; policy_block 1 = the
+/* NVFP4 fake quantization (profile 0 compressed_tensors, 1 torchao, 2 transformer_engine, 3 vllm; policy_block 1 = the
    block-local non-finite policy). Both passes in one parallel region (one thread wake-up per call, not two: on a
    loaded 2-core machine each wake-up of a descheduled worker can cost a scheduler time slice); one thread calls no
    OpenMP at all; nt: streaming stores (for outputs far larger than the cache) */
@@ -162,7 +183,7 @@ int quarl_nvfp4_fq(const float* x, float* y, int64_t rows, int64_t len, const nv
     nv_consts k0 = nv_constants(a->t, profile);
     uint32_t m = 0, mall = 0;
     int eager = 0, status = has_t ? k0.status : 0;
-    nt = stream_ok(y, rows, nt);
+    nt = profile == 3 ? 0 : stream_ok(y, rows, nt); /* vllm re-reads y (its zero fix): regular stores only */
 #define NV_AMAX(i) { CHUNK_AT(i); nv_amax_chunk(x + ro, len, block, j0, nj, all_bits + ro / len * nb + j0, &m, &mall); }
 #define NV_QUANT(i) { CHUNK_AT(i); eager |= nv_quantize_chunk(x + ro, y + ro, len, block, j0, nj, \
                           all_bits ? all_bits + ro / len * nb + j0 : NULL, &k, profile, pb, ha, nt); }
