@@ -122,10 +122,11 @@ def test_cached_generation_matches_full_recomputation(kv, build):
         full = model(ids).logits
         inc, cache = _decode(model, ids, prefill=6)
     (_, k_full, v_full), *_, (_, k_last, v_last) = spy.calls[ATTN]
-    # the raw K / V of a one-token step come from a one-row GEMM, which may round the last bit differently from
-    # the full-sequence GEMM (unquantized too); the tokens written by the same prefill are bit-identical
-    assert torch.equal(k_last[:, :, :6], k_full[:, :, :6]) and torch.equal(v_last[:, :, :6], v_full[:, :, :6])
+    # the raw K / V of a prefill or a one-token step come from smaller GEMMs, which may round the last bit
+    # differently from the full-sequence GEMM (unquantized too), so at model level K / V agree to within a
+    # quantization step; test_cache_stores_and_reads_what_full_recomputation_reads feeds identical raw K / V
     torch.testing.assert_close(k_last, k_full, rtol=0, atol=0.05)  # < one quantization step of these K / V
+    torch.testing.assert_close(v_last, v_full, rtol=0, atol=0.05)
     torch.testing.assert_close(inc, full, rtol=0, atol=1e-3)
     assert torch.equal(cache.layers[0].keys, k_last)  # the cache itself stores the quantized values
     assert inj.stats()[ATTN]["fires"] == {"rollout": 1 + 1 + (ids.shape[1] - 6)}
