@@ -116,23 +116,15 @@ def _is_embedding(module: nn.Module) -> bool:
     return isinstance(module, nn.Embedding) or "Embedding" in type(module).__name__
 
 
-def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> FilterFn:
-    """Build ``filter_fn(module, fqn) -> bool`` for ``spec`` (pass ``model`` to recognise a renamed output head).
-
-    Args:
-        spec: the injection spec (targets, target_classes, exclude, target_layers, quantize_lm_head).
-        model: the root model, used only to find ``get_output_embeddings()``.
-
-    Returns:
-        The filter, usable with torchao's ``quantize_(model, config, filter_fn=...)`` as well.
-    """
+def _name_filter(spec: InjectionSpec, model: nn.Module | None) -> FilterFn:
+    """The rules of ``spec`` that do not look at a module's class or weight shape (LoRA, routers, head, exclude,
+    targets, target_layers): what `make_filter_fn` adds the class rules to, and what `uncovered_families` checks."""
     head = output_head(model) if model is not None else None
     targets = [re.compile(p) for p in spec.targets]
     exclude = [re.compile(p) for p in spec.exclude]
     layers = set(spec.target_layers)
 
     def by_name(module: nn.Module, fqn: str) -> bool:
-        """Every rule that does not look at the module's class or weight shape."""
         if is_lora_adapter(fqn) or isinstance(getattr(module, "base_layer", None), nn.Module):
             return False
         if is_router(module, fqn):
@@ -146,6 +138,21 @@ def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> Filte
             return False
         return not layers or block_index(fqn) in layers
 
+    return by_name
+
+
+def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> FilterFn:
+    """Build ``filter_fn(module, fqn) -> bool`` for ``spec`` (pass ``model`` to recognise a renamed output head).
+
+    Args:
+        spec: the injection spec (targets, target_classes, exclude, target_layers, quantize_lm_head).
+        model: the root model, used only to find ``get_output_embeddings()``.
+
+    Returns:
+        The filter, usable with torchao's ``quantize_(model, config, filter_fn=...)`` as well.
+    """
+    by_name = _name_filter(spec, model)
+
     def filter_fn(module: nn.Module, fqn: str) -> bool:
         if not _class_matches(module, spec.target_classes):
             return False
@@ -153,7 +160,6 @@ def make_filter_fn(spec: InjectionSpec, model: nn.Module | None = None) -> Filte
             return False
         return by_name(module, fqn)
 
-    filter_fn.by_name = by_name  # for the coverage check of `select_modules`
     return filter_fn
 
 
@@ -165,7 +171,7 @@ def uncovered_families(model: nn.Module, spec: InjectionSpec,
         ``(class name, share of the model's matmul parameters, qualified names)`` per class, largest share first.
         Matmul parameters: every parameter of two or more dimensions outside embeddings.
     """
-    by_name = make_filter_fn(spec, model).by_name
+    by_name = _name_filter(spec, model)
     picked = {id(m) for _, m in chosen}
     total = 0
     families: dict[str, list] = {}
