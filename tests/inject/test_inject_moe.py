@@ -349,3 +349,34 @@ def test_merging_expert_lora_invalidates_the_cached_expert_weights():
         with attach(plain, InjectionSpec(scheme="MXFP4A16")):
             fresh = plain(IDS).logits  # a cache that never saw the unmerged weights
     assert torch.equal(merged, fresh)
+
+
+@pytest.mark.parametrize(("fqn", "cls", "router"), [
+    ("model.layers.0.mlp.gate", "Qwen2MoeTopKRouter", True),
+    ("model.layers.0.mlp.shared_expert_gate", "Linear", True),
+    ("model.layers.0.mlp.shared_expert_gate.base_layer", "Linear", True),  # inside a PEFT LoRA wrapper
+    ("model.layers.0.mlp.router", "Linear", True),
+    ("model.layers.0.block_sparse_moe.gate", "Linear", True),
+    ("model.layers.0.mlp.moe", "MoEGate", True),
+    ("model.layers.0.mlp.gate_proj", "Linear", False),
+    ("model.layers.0.mlp.gate_up_proj", "Linear", False),
+    ("model.layers.0.self_attn.q_proj", "Linear", False),
+])
+def test_router_rule(fqn, cls, router):
+    from quarl.inject.select import is_router
+
+    module = type(cls, (nn.Module,), {})()
+    assert is_router(module, fqn) is router
+
+
+def test_dense_models_have_no_uncovered_family(caplog):
+    from _tiny_models import tiny_llama
+
+    from quarl.inject.select import uncovered_families
+
+    model = tiny_llama()
+    spec = InjectionSpec(scheme="MXFP4")
+    assert uncovered_families(model, spec, select_modules(model, spec)) == []
+    with caplog.at_level(logging.WARNING, logger="quarl.inject.select"):
+        attach(model, spec).detach()
+    assert not caplog.records
