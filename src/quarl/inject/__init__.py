@@ -9,7 +9,8 @@
 
 Modules: `spec` (InjectionSpec, schemes), `select` (filter_fn(module, fqn) -> bool), `errors` (error models and
 their STE), `weights` (cached weight error), `activations` (input/output hooks), `telemetry`, `injector`
-(the Injector), `oplevel` (F.linear / matmul interception inside a context manager).
+(the Injector), `oplevel` (F.linear / matmul interception inside a context manager), `experts` (fused MoE experts,
+per expert), `hardware` (named chip presets).
 """
 
 from quarl.inject.injector import Injector, attach

@@ -13,6 +13,8 @@ here; no global state and no patching. The pre-hook gates on the phase, swaps in
 (`quarl.inject.weights`) and injects the input; the post-hook restores the weight and injects the output. With a
 deterministic format, modules reading the same input tensor (q/k/v, gate/up) share one fake-quantized copy of it
 (`Injector._shared_input`): bit-identical to quantizing it per module, at 4/7 of the cost in a Llama block.
+Fused MoE experts containers get the same two hooks (swapping their 3-D expert weights for per-expert ``e(W)``)
+and, for activation error, an experts implementation registered with transformers (`quarl.inject.experts`).
 
 Phase policy. The phase is explicit (`phase` / `set_phase`), never inferred from ``module.training`` (HF and TRL
 keep ``training=True`` during generation, FIELD_NOTES §5). Before any phase is set:
