@@ -69,3 +69,5 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
         for key in CLOSE:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-12), (step, key)
     assert (killed / "eval" / "step-5.jsonl").read_text() == (full / "eval" / "step-5.jsonl").read_text()
+    log = (killed / "train.log").read_text()  # `quarl train` sets quarl's logger to INFO (cli.train.process_settings)
+    assert "INFO quarl.rl.run: train:" in log and "resume: AQN restored from" in log
