@@ -78,3 +78,9 @@ def test_diagnose_shows_the_format_applied_per_module(model, tokenizer):
     table = report.table()
     assert "formats applied (precision plan): fp8_e4m3 on 1 modules, none on 7 modules, nvfp4 on 6 modules" in table
     assert len(report.sensitivity) == 14  # the scan sets the plan aside: every selected module in nvfp4
+
+
+def test_diagnose_names_the_rotation(model, tokenizer):
+    report = diagnose(model, InjectionSpec(scheme="MXFP4", rotation="block"), tokenizer=tokenizer,
+                      check_gradients=True)
+    assert report.ok and "use_ste=True, rotation=block)" in report.table()  # the STE gradient flows through R

@@ -134,3 +134,19 @@ def test_strict_config():
         InjectionSpec(kv_cache="fp8_e4m3", plan="verl-nvfp4-qat")
     spec = InjectionSpec(scheme="W4A4", plan={"preset": "verl-nvfp4-qat", "rules": [{"layers": [0, -1]}]})
     assert InjectionSpec.from_yaml(spec.to_yaml()) == spec
+
+
+def test_moe_routers_and_experts():
+    from _tiny_moe import routers_of, tiny_moe
+
+    model = tiny_moe("qwen2_moe")
+    with attach(model, InjectionSpec(scheme="NVFP4", plan="verl-nvfp4-qat")) as inj:
+        formats = inj.formats()
+        experts = [m for m in inj.modules if m.endswith("experts")]
+    routers = [n for n, _ in routers_of(model)]
+    assert routers and all(formats[r].startswith("none (plan rule 0") for r in routers)
+    assert experts and all(formats[e] == "nvfp4" for e in experts)
+    # experts take another format like any module; the routers stay out whatever the rule says
+    spec = InjectionSpec(scheme="NVFP4", plan={"rules": [{"modules": [r"experts$"], "format": "mxfp4"}]})
+    with attach(model, spec) as inj:
+        assert all(inj.stats()[e]["format"] == "mxfp4" for e in experts)

@@ -184,3 +184,10 @@ def test_unsupported_input_dimension_raises_at_attach(features, rotation, match)
     with pytest.raises(ValueError, match=match) as info:
         attach(model, InjectionSpec(scheme="MXFP4", rotation=rotation))
     assert "0" in str(info.value)  # the module is named
+
+
+def test_fused_moe_experts_are_refused_by_name():
+    from _tiny_moe import tiny_moe
+
+    with pytest.raises(ValueError, match=r"experts.*2-D weight"):
+        attach(tiny_moe("qwen2_moe"), InjectionSpec(scheme="MXFP4", rotation="block"))

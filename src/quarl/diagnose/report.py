@@ -74,8 +74,10 @@ class DiagnoseReport:
     def table(self) -> str:
         """A readable multi-section text report for the terminal."""
         s = self.spec
+        rotation = f", rotation={s['rotation']}" if s.get("rotation", "none") != "none" else ""
         lines = [f"quarl diagnose: {s['error_type']} on {s['injection_point']} (apply_during={s['apply_during']}, "
-                 f"use_ste={s['use_ste']}), phase={self.phase}, {self.n_sequences} sequences / {self.n_tokens} tokens",
+                 f"use_ste={s['use_ste']}{rotation}), phase={self.phase}, {self.n_sequences} sequences / "
+                 f"{self.n_tokens} tokens",
                  f"logits vs clean: KL {self.kl:.4g} nats/token, top-1 agreement {self.top1:.1%}"]
         if self.nll_clean is not None:
             lines.append(f"reference-answer NLL: clean {self.nll_clean:.4f} -> injected {self.nll_injected:.4f} "
