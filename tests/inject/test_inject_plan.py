@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from quarl.inject import InjectionSpec, attach
+from quarl.inject import InjectionSpec, attach, select_modules
 from quarl.inject.plan import PRESETS, PlanRule, PrecisionPlan
 from quarl.inject.spec import DEFAULT_EXCLUDE
 
@@ -61,6 +61,7 @@ def test_another_format_for_one_kind_equals_two_separate_injections():
     spec = InjectionSpec(scheme="NVFP4", plan={"rules": [{"kinds": ["down_proj"], "format": "fp8_e4m3"}]})
     with attach(model, spec) as inj:
         stats = inj.stats()
+        assert inj.modules == [n for n, _ in select_modules(model, spec)]  # the model's order, not the formats'
     assert stats["model.layers.2.mlp.down_proj"]["format"] == "fp8_e4m3"
     assert stats["model.layers.2.mlp.up_proj"]["format"] == "nvfp4"
     body = InjectionSpec(scheme="NVFP4", exclude=DEFAULT_EXCLUDE + (r"down_proj",))

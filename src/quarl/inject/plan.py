@@ -223,12 +223,11 @@ class ModuleFormats:
     """
 
     def __init__(self, groups: list[tuple[InjectionSpec, list[tuple[str, nn.Module]]]],
-                 applied: dict[str, str]) -> None:
+                 applied: dict[str, str], order: list[str]) -> None:
         from quarl.inject.errors import ErrorModel
         from quarl.inject.input_scale import InputScales
 
         self.applied = applied
-        self.selected: list[tuple[str, nn.Module]] = []
         self._groups: list[tuple[ErrorModel, list[tuple[str, nn.Module]]]] = []
         self._error: dict[str, ErrorModel] = {}
         self._scales: dict[str, InputScales] = {}
@@ -238,8 +237,8 @@ class ModuleFormats:
             self._groups.append((error, members))
             for fqn, _ in members:
                 self._error[fqn], self._scales[fqn] = error, scales
-        order = {fqn: i for i, (fqn, _) in enumerate(m for _, ms in groups for m in ms)}
-        self.selected = sorted((m for _, ms in groups for m in ms), key=lambda m: order[m[0]])
+        rank = {fqn: i for i, fqn in enumerate(order)}  # the selection's own (named_modules) order
+        self.selected = sorted((m for _, ms in groups for m in ms), key=lambda m: rank[m[0]])
 
     def error(self, fqn: str) -> ErrorModel:
         """The error model of injected module ``fqn``."""
@@ -275,7 +274,8 @@ def resolve(model: nn.Module, spec: InjectionSpec, selected: list[tuple[str, nn.
             plan that keeps every selected module in full precision; a rule format the spec's other fields refuse.
     """
     if spec.plan is None:
-        return ModuleFormats([(spec, list(selected))], {fqn: spec.error_type for fqn, _ in selected})
+        return ModuleFormats([(spec, list(selected))], {fqn: spec.error_type for fqn, _ in selected},
+                             [fqn for fqn, _ in selected])
     rules = spec.plan.all_rules()
     n_blocks = _n_blocks(model)
     candidates = _candidates(model, selected)
@@ -320,7 +320,7 @@ def resolve(model: nn.Module, spec: InjectionSpec, selected: list[tuple[str, nn.
     other = [fqn for fqn in picked if fqn not in kept and applied[fqn] != spec.error_type]
     logger.info("quarl.inject: plan (%d rules) keeps %d of %d selected modules in full precision, %d in another "
                 "format", len(rules), len(kept), len(picked), len(other))
-    return ModuleFormats(list(groups.values()), applied)
+    return ModuleFormats(list(groups.values()), applied, [fqn for fqn, _ in selected])
 
 
 def _rule_spec(spec: InjectionSpec, rule: PlanRule, i: int) -> InjectionSpec:
