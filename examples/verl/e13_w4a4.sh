@@ -39,6 +39,7 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.rollout.gpu_memory_utilization=0.5 \
     actor_rollout_ref.rollout.enforce_eager=True \
     +actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls=quarl.verl.rollout.QuarlWorkerExtension \
+    +actor_rollout_ref.rollout.agent.agent_loop_manager_class=quarl.verl.agent_loop.QuarlAgentLoopManager \
     reward.custom_reward_function.path=pkg://quarl.verl.reward \
     reward.custom_reward_function.name=compute_score \
     trainer.n_gpus_per_node=8 \

@@ -21,6 +21,7 @@ def test_overrides_rewritten_into_the_plugins():
                  '+ray_kwargs.ray_init.runtime_env.env_vars.QUARL_VERL_CONFIG="$QUARL_VERL_CONFIG"',
                  "actor_rollout_ref.rollout.enforce_eager=True",
                  "worker_extension_cls=quarl.verl.rollout.QuarlWorkerExtension",
+                 "agent_loop_manager_class=quarl.verl.agent_loop.QuarlAgentLoopManager",
                  "reward.custom_reward_function.path=pkg://quarl.verl.reward", 'QUARL_VERL_CONFIG="/abs/e13h.quarl.yaml"',
                  "trainer.experiment_name=E13h_MXFP4_W4A4_AQN", "trainer.logger=[console] $@"):
         assert line in m.script, line
@@ -67,3 +68,16 @@ def test_cli_writes_script_and_block_or_refuses(tmp_path, capsys):
     script.write_text(FORK.replace("injection_point=both", "injection_point=output"))
     assert main(["verl", "migrate", str(script), "-o", str(tmp_path / "new.sh")]) == 2
     assert "output injection" in capsys.readouterr().err and not (tmp_path / "new.sh").exists()
+
+
+def test_the_example_script_carries_every_plugin_override_and_a_valid_block():
+    from quarl.verl.migrate import PLUGIN_OVERRIDES
+
+    root = Path(__file__).resolve().parents[2] / "examples" / "verl"
+    script = (root / "e13_w4a4.sh").read_text()
+    for override in PLUGIN_OVERRIDES:
+        key = override.split("=", 1)[0]
+        assert key in script, key
+    cfg = parse_config((root / "e13_w4a4.quarl.yaml").read_text())
+    assert cfg.injection.injection_point.value == "both" and cfg.injection.use_ste and cfg.aqn_enabled
+    assert f"trainer.total_training_steps={cfg.total_steps}" in script

@@ -45,6 +45,7 @@ PLUGIN_OVERRIDES = (
     "actor_rollout_ref.rollout.enforce_eager=True",
     "actor_rollout_ref.model.lora.merge=True",  # vLLM's LoRA layers call the base kernel directly, skipping hooks
     "+actor_rollout_ref.rollout.engine_kwargs.vllm.worker_extension_cls=quarl.verl.rollout.QuarlWorkerExtension",
+    "+actor_rollout_ref.rollout.agent.agent_loop_manager_class=quarl.verl.agent_loop.QuarlAgentLoopManager",
     "reward.custom_reward_function.path=pkg://quarl.verl.reward",
     "reward.custom_reward_function.name=compute_score",
 )
