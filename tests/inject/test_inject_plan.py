@@ -151,3 +151,15 @@ def test_moe_routers_and_experts():
     spec = InjectionSpec(scheme="NVFP4", plan={"rules": [{"modules": [r"experts$"], "format": "mxfp4"}]})
     with attach(model, spec) as inj:
         assert all(inj.stats()[e]["format"] == "mxfp4" for e in experts)
+
+
+def test_static_input_scales_are_bound_per_format():
+    model = _llama(layers=2)
+    names = [n for n, _ in select_modules(model, InjectionSpec(scheme="NVFP4"))]
+    spec = InjectionSpec(scheme="NVFP4", input_scale="static", input_amax={n: 4.0 for n in names},
+                         plan={"rules": [{"kinds": ["down_proj"], "format": "fp8_e4m3"}]})
+    with attach(model, spec) as inj:
+        scales = inj.input_scales()
+        formats = inj.formats()
+    assert all(scales[n] == "static (calibrated amax 4)" for n in names)
+    assert formats["model.layers.0.mlp.down_proj"] == "fp8_e4m3" and formats["model.layers.0.mlp.up_proj"] == "nvfp4"

@@ -191,3 +191,13 @@ def test_fused_moe_experts_are_refused_by_name():
 
     with pytest.raises(ValueError, match=r"experts.*2-D weight"):
         attach(tiny_moe("qwen2_moe"), InjectionSpec(scheme="MXFP4", rotation="block"))
+
+
+def test_static_input_scales_and_operator_level_injection_are_refused():
+    with pytest.raises(ValueError, match="unrotated"):
+        InjectionSpec(scheme="NVFP4", input_scale="static", input_amax={"0": 1.0}, rotation="full")
+    from quarl.inject import inject_ops
+
+    model = nn.Sequential(nn.Linear(32, 8))
+    with pytest.raises(ValueError, match="rotation or a precision plan"):
+        inject_ops(InjectionSpec(scheme="MXFP4", rotation="block"), model=model)

@@ -135,6 +135,8 @@ class OpInjector(TorchFunctionMode):
         if spec.input_scale != "dynamic":  # never a silent dynamic scale: the per-module modes live in attach()
             raise ValueError(f"inject_ops does not implement input_scale={spec.input_scale!r}; use attach(model, "
                              "spec), which binds static / per-token input scales per module")
+        if spec.rotation != "none" or spec.plan is not None:  # per-module rotations / formats live in attach()
+            raise ValueError("inject_ops does not implement rotation or a precision plan; use attach(model, spec)")
         self.error = ErrorModel.from_spec(spec)
         self.telemetry = {op: ModuleTelemetry() for op in ("linear", "matmul")}
         self.routed = {op: Counter() for op in ("linear", "matmul")}  # 'not_selected' / 'unattributed' calls

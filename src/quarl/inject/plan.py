@@ -232,6 +232,9 @@ class ModuleFormats:
         self._error: dict[str, ErrorModel] = {}
         self._scales: dict[str, InputScales] = {}
         for spec, members in groups:
+            if spec.input_scale == "static" and len(groups) > 1:  # each format binds its own modules' amaxes
+                names = {fqn for fqn, _ in members}
+                spec = spec.replace(input_amax={k: v for k, v in spec.input_amax.items() if k in names})
             error = ErrorModel.from_spec(spec)
             scales = InputScales(spec, error, members)
             self._groups.append((error, members))

@@ -238,8 +238,8 @@ def validate(spec: InjectionSpec) -> None:
 
     Raises:
         ValueError: an unknown mode (naming the nearest), a rotation without a linear error, on output injection
-            only, ``block`` on a format without blocks or on a noise model, or combined with the formats'
-            ``hadamard`` option (two rotations).
+            only, ``block`` on a format without blocks or on a noise model, with static (calibrated) input scales,
+            or combined with the formats' ``hadamard`` option (two rotations).
     """
     mode = spec.rotation
     if not isinstance(mode, str) or mode not in ROTATIONS:
@@ -254,6 +254,9 @@ def validate(spec: InjectionSpec) -> None:
     if mode == "block" and spec.is_noise:
         raise ValueError(f"rotation='block' rotates each block of the format's scale; the noise model "
                          f"{spec.error_type!r} has no blocks (use rotation='full')")
+    if spec.input_scale == "static":
+        raise ValueError(f"rotation={mode!r} with input_scale='static': the calibrated amaxes are of the unrotated "
+                         "input, not of x R; use input_scale='dynamic' or 'per_token'")
     if spec.format_options.get("hadamard"):
         raise ValueError(f"rotation={mode!r} with format_options.hadamard=true would rotate twice; choose one")
     if mode == "block":
