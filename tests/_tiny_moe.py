@@ -13,7 +13,7 @@ ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral")
 
 
 def tiny_moe(arch: str = "qwen2_moe", seed: int = 0, num_experts: int = 4, vocab_size: int = 128) -> nn.Module:
-    """A 2-layer MoE LM of ``arch`` (Qwen2-MoE with a gated shared expert, Qwen3-MoE, Mixtral), top-2 of
+    """A 2-layer MoE LM of ``arch`` (Qwen2-MoE with a gated shared expert, Qwen3-MoE, Mixtral, GPT-OSS), top-2 of
     ``num_experts`` experts, random init from ``seed``, eval mode."""
     import transformers as tf
 
@@ -29,6 +29,10 @@ def tiny_moe(arch: str = "qwen2_moe", seed: int = 0, num_experts: int = 4, vocab
     elif arch == "mixtral":
         cfg = tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=num_experts, num_experts_per_tok=2)
         cls = tf.MixtralForCausalLM
+    elif arch == "gpt_oss":  # transposed (E, in, out) experts with biases and interleaved gate/up
+        cfg = tf.GptOssConfig(**common, intermediate_size=32, head_dim=16, num_local_experts=num_experts,
+                              num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+        cls = tf.GptOssForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)
@@ -36,6 +40,8 @@ def tiny_moe(arch: str = "qwen2_moe", seed: int = 0, num_experts: int = 4, vocab
     with torch.no_grad():  # HF's init draws experts with a tiny std; spread them so routing and errors are visible
         for name, p in model.named_parameters():
             if name.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3:
+                p.normal_(0.0, 0.1)
+            elif name.endswith("_proj_bias") and ".experts." in name:
                 p.normal_(0.0, 0.1)
             elif name.endswith("gate.weight") or name.endswith("router.weight"):
                 p.normal_(0.0, 0.5)

@@ -64,6 +64,9 @@ def test_static_input_schemes_refused_for_moe(tmp_path):
         with pytest.raises(ValueError, match="per-expert input scales"):
             export_checkpoint(model, None, get_scheme(scheme), tmp_path / scheme, calibration=[], progress=False)
         assert not (tmp_path / scheme).exists()
+    with pytest.raises(ValueError, match="stores its experts fused on disk"):  # GPT-OSS: no per-expert layout
+        export_checkpoint(tiny_moe("gpt_oss"), None, get_scheme("MXFP4A16"), tmp_path / "oss", progress=False)
+    assert not (tmp_path / "oss").exists()
 
 
 def test_cli_quantize_moe(tmp_path, capsys):

@@ -167,7 +167,7 @@ def test_routers_untouched_and_detach_bit_exact(arch):
 
 
 def test_identity_errors_give_the_stock_eager_experts_bit_for_bit():
-    for arch in ARCHS:
+    for arch in (*ARCHS, "gpt_oss"):
         _, experts = experts_of(tiny_moe(arch))[0]
         idx, w = _route(experts, 12)
         h = torch.randn(12, 64)
@@ -380,3 +380,33 @@ def test_dense_models_have_no_uncovered_family(caplog):
     with caplog.at_level(logging.WARNING, logger="quarl.inject.select"):
         attach(model, spec).detach()
     assert not [r for r in caplog.records if r.name == "quarl.inject.select"]
+
+
+def test_transposed_experts_with_biases_blocks_along_the_input_dim():
+    """GPT-OSS stores experts as (E, in, out) with biases and an interleaved gate/up: blocks must run along ``in``
+    (dim -2 there), and the result equals a per-expert reference, not one blocked along ``out``."""
+    model = tiny_moe("gpt_oss")
+    assert "model.layers.0.mlp.router" not in [n for n, _ in select_modules(model, InjectionSpec(scheme="MXFP4"))]
+    _, experts = experts_of(model)[0]
+    idx, w = _route(experts, 12, seed=4)
+    h = torch.randn(12, 64)
+    fmt = get_format("mxfp4")
+
+    def reference(along_input: bool) -> torch.Tensor:
+        def wq(t):  # t: (in, out)
+            return fake_quantize(t.T, fmt).T if along_input else fake_quantize(t, fmt)
+        out = torch.zeros_like(h)
+        mask = F.one_hot(idx, experts.num_experts + 1).permute(2, 1, 0)
+        for e in range(experts.num_experts):
+            pos, tok = torch.where(mask[e])
+            gate_up = fake_quantize(h[tok], fmt) @ wq(experts.gate_up_proj[e].detach()) + experts.gate_up_proj_bias[e]
+            act = fake_quantize(experts._apply_gate(gate_up), fmt)
+            y = (act @ wq(experts.down_proj[e].detach()) + experts.down_proj_bias[e]) * w[tok, pos, None]
+            out.index_add_(0, tok, y)
+        return out
+
+    with torch.no_grad(), attach(model, InjectionSpec(scheme="MXFP4")):
+        got = experts(h, idx, w)
+    with torch.no_grad():
+        assert torch.equal(got, reference(along_input=True))
+        assert not torch.equal(got, reference(along_input=False))

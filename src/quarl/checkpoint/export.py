@@ -163,6 +163,7 @@ def export_checkpoint(model: nn.Module, tokenizer: Any, scheme: CheckpointScheme
     experts = moe.has_experts(model)
     if experts:
         moe.check_scheme(scheme)
+        state = moe.on_disk_state(model)  # the per-expert layout (raises for experts fused on disk)
         ignore = tuple(ignore) + tuple(p for p in moe.router_ignore(model) if p not in ignore)
     targets = quantizable_modules(model, ignore)
     if not targets:
@@ -186,7 +187,7 @@ def export_checkpoint(model: nn.Module, tokenizer: Any, scheme: CheckpointScheme
         prefix = disk[f"{fqn}.weight"].removesuffix(".weight")
         tensors.update({f"{prefix}.{k}": v for k, v in local.items()})
     quantized = set(disk.values())
-    state = moe.on_disk_state(model) if experts else model.state_dict()
+    state = state if experts else model.state_dict()
     n_modules = len(targets)
     if experts:
         expert_tensors, keys, expert_params, expert_bytes, expert_groups = moe.compress_experts(state, scheme, fuse)

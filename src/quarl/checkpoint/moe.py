@@ -15,7 +15,8 @@ uses), and quantizes every per-expert weight like any other linear:
 - routers and gates (``mlp.gate``, ``shared_expert_gate``, ``router``) stay dense and are listed in ``ignore``
   (vLLM builds them unquantized);
 - schemes with static input scales (NVFP4 W4A4, FP8) would need per-expert calibrated input scales; quarl does not
-  calibrate those and refuses them for MoE models (weight-only schemes and MXFP4, whose inputs are dynamic, work).
+  calibrate those and refuses them for MoE models (weight-only schemes and MXFP4, whose inputs are dynamic, work);
+- architectures that keep their experts fused on disk as well (GPT-OSS) are refused: no per-expert layout exists.
 
 quarl's own loader (`quarl.checkpoint.load_checkpoint`) does not rebuild fused experts from such a checkpoint and
 refuses it; vLLM serves it.
@@ -28,7 +29,7 @@ import re
 import torch
 from torch import nn
 
-from quarl.inject.select import is_experts, is_router
+from quarl.inject.select import EXPERT_WEIGHTS, is_experts, is_router
 
 from .codec import compress_weight, stored_bytes
 from .schemes import CheckpointScheme
@@ -59,10 +60,20 @@ def router_ignore(model: nn.Module) -> tuple[str, ...]:
 
 
 def on_disk_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` in the layout ``save_pretrained`` writes (per-expert 2-D weights)."""
+    """``model.state_dict()`` in the layout ``save_pretrained`` writes (per-expert 2-D weights).
+
+    Raises:
+        ValueError: the architecture keeps its experts fused on disk too (GPT-OSS: ``experts.gate_up_proj``
+            ``(E, H, 2I)``), a layout the compressed-tensors presets quarl writes do not describe.
+    """
     from transformers.core_model_loading import revert_weight_conversion
 
-    return dict(revert_weight_conversion(model, model.state_dict()))
+    state = dict(revert_weight_conversion(model, model.state_dict()))
+    fused = [k for k, t in state.items() if t.dim() == 3 and k.rsplit(".", 1)[-1] in EXPERT_WEIGHTS]
+    if fused:
+        raise ValueError(f"{type(model).__name__} stores its experts fused on disk ({fused[0]}, 3-D); quarl writes "
+                         "MoE checkpoints only in the per-expert linear layout (Qwen-MoE, Mixtral, OLMoE...)")
+    return state
 
 
 def disk_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
