@@ -188,6 +188,12 @@ def main(index: int, result_path: str) -> None:
     out["after_validation_norms"] = _norms(model)
     out["stats"] = w.quarl_stats()
 
+    w.quarl_set_step(5)  # the trainer's step (a resumed run): the noise is re-drawn for step 5 from clean weights
+    out["step_after_set"] = w.quarl.step
+    out["set_step_equal_reference"] = torch.equal(_norms(model), reference(w1, 5, True)[1])
+    w.quarl_set_step(1)  # back to the sync count's step: step 1's noise again, exactly
+    out["reset_step_equal_sync1"] = torch.equal(_norms(model), out["noised_norms_1"])
+
     w2 = _weights(2)  # a full sync with new base weights: the cached quantized weights must not be served
     buckets[0] = [w2]
     w.update_weights_from_ipc(peft_config=None, base_sync_done=False)

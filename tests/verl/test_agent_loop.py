@@ -54,11 +54,13 @@ def manager():
         ray.shutdown()
 
 
-def _batch(validate: bool):
+def _batch(validate: bool, global_steps: int | None = None):
     from verl import DataProto
 
     data = DataProto.from_dict(tensors={"prompts": torch.zeros(2, 3, dtype=torch.long)})
     data.meta_info["validate"] = validate
+    if global_steps is not None:
+        data.meta_info["global_steps"] = global_steps
     return data
 
 
@@ -72,11 +74,13 @@ def test_validation_turns_aqn_off_on_every_server_then_back_on(manager):
     assert "agent_loop/generate_sequences/mean" in out.meta_info["timing"]  # verl's own path ran
 
 
-def test_training_batches_pass_through(manager):
+def test_training_batches_send_verls_step_and_nothing_else(manager):
     m, servers = manager
     before = ray.get([s.calls.remote() for s in servers])
-    m.generate_sequences(_batch(validate=False))
+    m.generate_sequences(_batch(validate=False))  # no step in meta_info: untouched
     assert ray.get([s.calls.remote() for s in servers]) == before
+    out = m.generate_sequences(_batch(validate=False, global_steps=7))  # verl counts from 1: optimizer step 6
+    assert out.meta_info["seen"] == [before[0] + [("quarl_set_step", (6,))]] * 2  # sent before generating
 
 
 def test_no_server_is_an_error(manager, monkeypatch):

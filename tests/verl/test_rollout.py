@@ -70,3 +70,7 @@ def test_hooks_that_never_fired_and_delta_sync_fail_loudly(out):
     assert "never ran their hooks" in out["never_fired_error"]
     assert "enforce_eager=True" in out["never_fired_error"]
     assert "delta weight transfer" in out["delta_error"]
+
+
+def test_the_trainers_step_redraws_the_noise(out):
+    assert out["step_after_set"] == 5 and out["set_step_equal_reference"] and out["reset_step_equal_sync1"]

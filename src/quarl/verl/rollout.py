@@ -7,7 +7,8 @@ this subclass replaces it without a fork. It adds to verl's ``vLLMColocateWorker
   ``model_runner.model`` (injection on vLLM's ``*ParallelLinear`` layers, AQN on its ``RMSNorm`` gains);
 - ``update_weights_from_ipc`` (one call per weight sync): noise off before, then `RolloutQuarl.after_sync`;
 - ``_update_weights`` (once per received bucket): the injector's cached weights dropped after each load;
-- ``quarl_validation(on)`` / ``quarl_stats()``: for ``collective_rpc`` (validation without AQN; telemetry);
+- ``quarl_validation(on)`` / ``quarl_set_step(step)`` / ``quarl_stats()``: for ``collective_rpc`` (validation
+  without AQN; the trainer's step; telemetry);
 - ``update_verl_delta_weights`` (verl's delta weight transfer bypasses ``_update_weights``): refused, loudly.
 Importing it needs vLLM (verl's base class imports it), which is why it is its own module.
 """
@@ -62,6 +63,10 @@ class QuarlWorkerExtension(vLLMColocateWorkerExtension):
     def quarl_validation(self, on: bool) -> None:
         """``collective_rpc("quarl_validation", args=(True,))`` before validation, ``(False,)`` after."""
         self._quarl_state().set_validation(on)
+
+    def quarl_set_step(self, step: int) -> None:
+        """``collective_rpc("quarl_set_step", args=(step,))``: the optimizer step the next rollouts serve."""
+        self._quarl_state().set_step(step)
 
     def quarl_stats(self) -> dict[str, Any]:
         """Rollout telemetry of this worker (``collective_rpc("quarl_stats")``)."""

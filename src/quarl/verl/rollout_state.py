@@ -8,10 +8,12 @@ Per weight sync (verl syncs once at start -- its ``global_steps`` 0 -- and once 
    overwrite -- every RMSNorm gain on a LoRA-only sync -- is clean again, never noise on noise;
 2. every loaded bucket: `invalidate` drops the injector's cached quantized weights (vLLM's loaders write with
    ``param.data.copy_``, which bumps no version counter);
-3. `after_sync`: the sync count is the step (sync k serves the rollouts of optimizer step k, the step verl's
-   ``global_steps`` names at that sync); the cache is invalidated once more and AQN is re-applied from the clean
+3. `after_sync`: the step moves on by one (sync k serves the rollouts of optimizer step k: verl syncs before its
+   first step and after each update); the cache is invalidated once more and AQN is re-applied from the clean
    weights with ``sigma(step)`` and that step's seed -- on LoRA-only syncs too (the fork's noise was never refreshed
-   there, and its sigma stayed at 0).
+   there, and its sigma stayed at 0). `set_step` takes the step from verl's trainer (``global_steps - 1``, sent by
+   `quarl.verl.agent_loop` before each training batch), so a resumed run or a re-sync during validation does not
+   shift the schedule.
 Validation (`set_validation`) takes the noise off until it ends: validation measures the quantized policy, not the
 noise. The phase is ``rollout`` for good.
 
@@ -85,7 +87,7 @@ class RolloutQuarl:
         self.syncs += 1
         if self.syncs >= 2:
             self.check_fired()
-        self.step = self.syncs - 1
+        self.step = 0 if self.step is None else self.step + 1
         self.invalidate()
         self._apply_noise()
         self.last = {**self.telemetry(), **self.last}
@@ -102,6 +104,18 @@ class RolloutQuarl:
                                f"ran their hooks in a rollout (e.g. {', '.join(missing[:3])}). With CUDA graphs or "
                                f"torch.compile the hooks are skipped: set {EAGER_FIX}. vLLM LoRA layers call their "
                                "base layer's kernel directly: set actor_rollout_ref.model.lora.merge=True")
+
+    def set_step(self, step: int) -> None:
+        """The optimizer step the next rollouts serve, from verl's trainer (``global_steps - 1``): the noise is
+        re-drawn for it when it differs from the sync count's (a resumed run, a re-sync during validation)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"quarl.verl: the rollout step must be an int >= 0, got {step!r}")
+        if step == self.step:
+            return
+        logger.info("quarl.verl rollout: step %s -> %d (from the trainer)", self.step, step)
+        self._clear_noise()
+        self.step = step
+        self._apply_noise()
 
     def set_validation(self, on: bool) -> None:
         """Validation generates without AQN noise; turning it off restores the step's noise."""
