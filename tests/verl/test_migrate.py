@@ -22,7 +22,8 @@ def test_overrides_rewritten_into_the_plugins():
                  "actor_rollout_ref.rollout.enforce_eager=True",
                  "worker_extension_cls=quarl.verl.rollout.QuarlWorkerExtension",
                  "agent_loop_manager_class=quarl.verl.agent_loop.QuarlAgentLoopManager",
-                 "reward.custom_reward_function.path=pkg://quarl.verl.reward", 'QUARL_VERL_CONFIG="/abs/e13h.quarl.yaml"',
+                 "reward.custom_reward_function.path=pkg://quarl.verl.reward",
+                 'QUARL_VERL_CONFIG="/abs/e13h.quarl.yaml"',
                  "trainer.experiment_name=E13h_MXFP4_W4A4_AQN", "trainer.logger=[console] $@"):
         assert line in m.script, line
     command = m.script[m.script.index("python3 -m verl.trainer.main_ppo"):].splitlines()

@@ -31,8 +31,9 @@ each rank keeps its own shard, so the noise the model sees does not depend on ho
 - FSDP2 / DTensor parameters (``torch.distributed.fsdp.fully_shard``): the full draw is split by the parameter's own
   device mesh and placements (``distribute_tensor(..., src_data_rank=None)``: no communication) and added to the
   local shard; the gathered noised weight is the same at any world size. FSDP2's gathered copies are dropped
-  (``reshard()``) on entry and exit, so the forwards inside see the noise and the ones after do not. Cost: one transient full-size fp32 draw per
-  noised module per rank (norm gains: a few KB; ``target: linear``: one weight at a time).
+  (``reshard()``) on entry and exit, so the forwards inside see the noise and the ones after do not. Cost: one
+  transient full-size fp32 draw per noised module per rank (norm gains: a few KB; ``target: linear``: one weight at
+  a time).
 - vLLM tensor-parallel layers (plain tensors holding one rank's slice; the module's ``tp_size`` / ``tp_rank`` and its
   class name say which dim): ``*ColumnParallelLinear`` slices dim 0, ``RowParallelLinear`` dim 1, from the draw of
   the concatenated shape. RMSNorm gains are replicated under TP, so the default ``target: norm`` needs nothing. For
