@@ -11,6 +11,7 @@ no dependency resolves a different (CUDA) build; every later install is constrai
 from __future__ import annotations
 
 import os
+import sys
 
 import nox
 
@@ -26,6 +27,9 @@ VERL_RUNTIME = ["pyzmq", "msgspec", "fastapi", "uvicorn", "cachetools", "pytest-
 @nox.session
 def verl(session: nox.Session) -> None:
     """tests/verl against verl's real FSDP engine on CPU (world size 1 and 2, gloo)."""
+    if sys.version_info >= (3, 13):
+        session.error(f"verl 0.9.1 needs Python < 3.13; run nox with a 3.11 or 3.12 interpreter "
+                      f"(this is {sys.version.split()[0]})")
     torch_req = os.environ.get("QUARL_NOX_TORCH", "torch==2.13.0")
     session.install(torch_req)
     constraints = session.create_tmp() + "/torch-constraint.txt"
