@@ -332,3 +332,19 @@ def test_quarl_train_runs_with_a_quantized_kv_cache(tmp_path):
     assert len(attn) == 6 and all(k.startswith("base_model.model.") for k in attn)  # inside the PEFT wrap
     assert all(v["fires"].get("rollout", 0) > 0 and v["fires"].get("training", 0) > 0 for v in attn.values())
     assert all(25 < v["key"]["sqnr_db"] < 40 for v in attn.values())  # E4M3: ~31 dB
+
+
+@pytest.mark.parametrize("kv", ["fp8_e4m3", {"format": "fp8_e4m3", "calibration": "first_forward"}, "nvfp4"])
+def test_in_place_cache_write_equals_the_quantizer(kv):
+    spec = InjectionSpec(kv_cache=kv).kv_cache
+    quant = TensorQuantizer(spec.format, spec.scale, spec.calibration, spec.options, True, "k")
+    x = torch.randn(2, 2, 9, 32, generator=torch.Generator().manual_seed(0)) * 50
+    quant.values(x)  # fixes a first_forward scale from clean values
+    x[0, 0, 5, :4] = torch.tensor([1e4, -1e4, float("nan"), -0.0])  # saturation, NaN, the sign of zero
+    expected = quant.values(x)
+    cache = x.clone()
+    quant.write_(cache[:, :, 3:, :])  # a strided slice, as the new tokens of a DynamicLayer are
+    assert torch.equal(cache[:, :, :3], x[:, :, :3])  # the prefix is untouched
+    got, want = cache[:, :, 3:], expected[:, :, 3:]
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()].view(torch.int32), want[~want.isnan()].view(torch.int32))

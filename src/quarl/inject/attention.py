@@ -108,6 +108,15 @@ class TensorQuantizer:
                 self._scale = torch.where(s == 0, torch.full_like(s, torch.finfo(torch.float32).eps), s)
             return self._round(x.float() / self._scale).mul_(self._scale).to(x.dtype)
 
+    def write_(self, x: torch.Tensor) -> None:
+        """``x.copy_(e(x))`` in place (a slice of the KV cache, no autograd). FP8 at unit scale takes two kernels
+        and the copy (``copy_`` widens the FP8 codes itself): it runs for every layer at every decode step."""
+        if self._native_dtype is not None and self.calibration is Calibration.UNIT and x.dtype == torch.float32:
+            m = self.fmt.elem_max
+            x.copy_(x.clamp(-m, m).to(self._native_dtype))
+        else:
+            x.copy_(self.values(x))
+
     def _round(self, v: torch.Tensor) -> torch.Tensor:
         """``v`` (fp32) onto the element grid, RNE and saturating. FP8 uses torch's own cast after a clamp and INT
         ``torch.round`` (half to even) after a clamp: the same values as quarl.formats' ``round_elem`` (the tests
@@ -299,11 +308,13 @@ class AttentionInjection:
                                                              else None)
             if start is not None:
                 for x, quant, role in ((key, self.key, "key"), (value, self.value, "value")):
-                    fresh = x[..., start:, :]
-                    q = quant.values(fresh)
+                    fresh = x[..., start:, :]  # the cache now stores what a quantized KV cache stores
                     if measure:
+                        q = quant.values(fresh)
                         self.telemetry.measure(role, fresh, q)
-                    fresh.copy_(q)  # the cache now stores what a quantized KV cache stores
+                        fresh.copy_(q)
+                    else:
+                        quant.write_(fresh)
                 self._written[layer] = total
                 return key, value
             if not self._warned:
