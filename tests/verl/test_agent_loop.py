@@ -29,6 +29,9 @@ class Server:  # the collective_rpc signature of verl's vLLMHttpServer
 
 @ray.remote
 class Worker:  # an AgentLoopWorker: returns the chunk with what the servers had been told so far
+    def ready(self):
+        return True
+
     def generate_sequences(self, chunk):
         from verl import DataProto
 
@@ -49,6 +52,8 @@ def manager():
         servers = [Server.options(name=f"vllm_server_{i}_0").remote() for i in range(2)]
         m = object.__new__(QuarlAgentLoopManager)  # verl's __init__ would start real agent-loop workers
         m.agent_loop_workers = [Worker.remote()]
+        # every actor is up before verl's code awaits them: a worker that fails to start is an error, not a hang
+        ray.get([s.calls.remote() for s in servers] + [w.ready.remote() for w in m.agent_loop_workers], timeout=300)
         yield m, servers
     finally:
         ray.shutdown()
