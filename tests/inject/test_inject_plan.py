@@ -163,3 +163,16 @@ def test_static_input_scales_are_bound_per_format():
         formats = inj.formats()
     assert all(scales[n] == "static (calibrated amax 4)" for n in names)
     assert formats["model.layers.0.mlp.down_proj"] == "fp8_e4m3" and formats["model.layers.0.mlp.up_proj"] == "nvfp4"
+
+
+def test_a_plan_for_the_plain_model_applies_to_the_lora_wrapped_one():
+    from peft import LoraConfig, get_peft_model
+
+    lora_wrap = lambda m: get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # noqa: E731
+    rules = [{"modules": [r"^model\.layers\.0\.self_attn\.q_proj$"], "format": "none"}]
+    spec = InjectionSpec(scheme="NVFP4", plan={"rules": rules})
+    names = [n for n, _ in select_modules(_llama(), InjectionSpec(scheme="NVFP4"))]
+    with attach(_llama(), spec) as plain, attach(lora_wrap(_llama()), spec) as wrapped:
+        assert len(wrapped.modules) == len(plain.modules) == len(names) - 1
+        kept = "base_model.model.model.layers.0.self_attn.q_proj.base_layer"
+        assert kept not in wrapped.modules and wrapped.formats()[kept].startswith("none (plan rule 0")

@@ -27,7 +27,7 @@ from torch import nn
 
 from quarl.diagnose.metrics import Batch, kl_and_top1, logits_of, token_nll
 from quarl.inject import InjectionSpec, Phase, attach, select_modules
-from quarl.inject.plan import FULL_PRECISION, PlanRule, PrecisionPlan, parameter_share
+from quarl.inject.plan import FULL_PRECISION, PlanRule, PrecisionPlan, canonical, parameter_share
 from quarl.inject.select import block_index
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def propose_plan(model: nn.Module, spec: InjectionSpec, rows: list[SensitivityRo
         smallest = min(parameter_share(selected, {r.unit}) for r in rows)
         raise ValueError(f"a budget of {budget:.2%} of the linear parameters fits no module (the smallest holds "
                          f"{smallest:.2%})")
-    rule = PlanRule(modules=tuple(f"^{re.escape(n)}$" for n in chosen), format=fmt)
+    rule = PlanRule(modules=tuple(f"^{re.escape(canonical(n))}$" for n in chosen), format=fmt)
     old = spec.plan
     plan = PrecisionPlan(preset=old.preset if old else None, rules=(old.rules if old else ()) + (rule,))
     return plan, chosen, parameter_share(selected, set(chosen))

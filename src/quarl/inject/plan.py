@@ -11,9 +11,10 @@ layers around an NVFP4 body are common. A plan states that on top of an `Injecti
         - {kinds: [down_proj], format: fp8_e4m3}
         - {modules: ['\\.q_proj$'], layers: [3], format: none}
 
-A rule matches a module when every criterion it gives holds: ``modules`` (a regex found in the qualified name),
-``kinds`` (`KINDS`), and the decoder block, which must be in ``layers`` (negative indices count from the end) or among
-the ``first`` / ``last`` N blocks. ``format: none`` keeps the module in full precision (its hooks are not installed);
+A rule matches a module when every criterion it gives holds: ``modules`` (a regex found in the qualified name,
+PEFT's ``base_model.model.`` / ``.base_layer`` wrapping dropped, so one plan serves the plain and the LoRA-wrapped
+model), ``kinds`` (`KINDS`), and the decoder block, which must be in ``layers`` (negative indices count from the end)
+or among the ``first`` / ``last`` N blocks. ``format: none`` keeps the module in full precision (its hooks are not installed);
 a format name (+ ``format_options``) quantizes it with that format instead of the spec's, with every other field of
 the spec unchanged (injection point, input scale, rotation, STE...).
 
@@ -202,10 +203,18 @@ def _n_blocks(model: nn.Module) -> int:
     return max(found) + 1 if found else 0
 
 
+def canonical(fqn: str) -> str:
+    """The name ``modules`` regexes see: PEFT's wrapping dropped (`quarl.inject.input_scale.canonical`), so a plan
+    written for the plain model applies to the LoRA-wrapped one."""
+    from quarl.inject.input_scale import canonical as strip_peft
+
+    return strip_peft(fqn)
+
+
 def _matches(rule: PlanRule, model: nn.Module, fqn: str, module: nn.Module, blocks: set[int] | None) -> bool:
     from quarl.inject.select import block_index
 
-    if rule.modules and not any(re.search(p, fqn) for p in rule.modules):
+    if rule.modules and not any(re.search(p, canonical(fqn)) for p in rule.modules):
         return False
     if rule.kinds and not set(rule.kinds) & module_kinds(model, module, fqn):
         return False
@@ -233,7 +242,7 @@ class ModuleFormats:
         self._scales: dict[str, InputScales] = {}
         for spec, members in groups:
             if spec.input_scale == "static" and len(groups) > 1:  # each format binds its own modules' amaxes
-                names = {fqn for fqn, _ in members}
+                names = {canonical(fqn) for fqn, _ in members}  # input_amax keys are canonical names
                 spec = spec.replace(input_amax={k: v for k, v in spec.input_amax.items() if k in names})
             error = ErrorModel.from_spec(spec)
             scales = InputScales(spec, error, members)
