@@ -112,3 +112,15 @@ def test_cli_eval_dtype_choices(tiny_loader, tmp_path):
 def test_cli_eval_import_stays_light():
     code = "import sys, quarl.cli.eval; print(sorted({'quarl.models', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_cli_eval_reports_what_a_precision_plan_kept(tiny_loader, tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("scheme: MXFP4\nrotation: block\nplan: {rules: [{layers: [0], format: none}]}\n")
+    out = tmp_path / "run"
+    rc = _eval("--spec", str(spec), out=out)
+    printed = capsys.readouterr().out
+    assert rc == 0 and "precision plan: 7 modules unquantized: model.layers.0.self_attn.q_proj" in printed
+    formats = json.loads((out / "summary.json").read_text())["quantization"]["formats"]
+    assert formats["model.layers.1.mlp.down_proj"] == "mxfp4"
+    assert formats["model.layers.0.mlp.down_proj"].startswith("none (plan rule 0")

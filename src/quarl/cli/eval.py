@@ -80,6 +80,10 @@ def _run(args: argparse.Namespace) -> int:
     if result.quantization:
         print(f"quantization applied: {result.quantization['modules_injected']} modules, "
               f"{result.quantization['hook_fires']} hook fires in phase {result.quantization['phase']!r}")
+        kept = [m for m, f in result.quantization.get("formats", {}).items() if f.startswith("none")]
+        if kept:  # a precision plan: say what stayed unquantized
+            more = " ..." if len(kept) > 6 else ""
+            print(f"precision plan: {len(kept)} modules unquantized: {', '.join(kept[:6])}{more}")
     if checkpoint is not None:
         print(f"checkpoint: {checkpoint.summary()}")
         print(f"quantization applied: {_packed_calls(model)} packed-module forwards ({checkpoint.scheme.name})")

@@ -274,7 +274,9 @@ def _applied(injector: Any, phase: str) -> dict[str, Any]:
     spec = injector.spec
     return {"spec": spec.to_dict() if hasattr(spec, "to_dict") else repr(spec), "phase": phase,
             "modules_injected": len(stats), "hook_fires": sum(m["fires"].get(phase, 0) for m in stats.values()),
-            "roles": roles, "per_module": stats}
+            "roles": roles, "per_module": stats,
+            # per module the format applied, "none (plan rule ...)" for those a precision plan keeps unquantized
+            "formats": injector.formats() if hasattr(injector, "formats") else {}}
 
 
 def run_eval(model: Any, tokenizer: Any, problems: Sequence[Problem], cfg: EvalConfig = EvalConfig(),
