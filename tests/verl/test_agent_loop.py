@@ -15,39 +15,51 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 
-@ray.remote
-class Server:  # the collective_rpc signature of verl's vLLMHttpServer
-    def __init__(self):
-        self.log = []
+def _actors():
+    """The two actor classes, defined here so that Ray pickles them by value (its workers need not import tests)."""
 
-    async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        self.log.append((method, tuple(args)))
+    @ray.remote
+    class Server:  # the collective_rpc signature of verl's vLLMHttpServer
+        def __init__(self):
+            self.log = []
 
-    def calls(self):
-        return list(self.log)
+        async def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+            self.log.append((method, tuple(args)))
 
+        def calls(self):
+            return list(self.log)
 
-@ray.remote
-class Worker:  # an AgentLoopWorker: returns the chunk with what the servers had been told so far
-    def ready(self):
-        return True
+    @ray.remote
+    class Worker:  # an AgentLoopWorker: returns the chunk with what the servers had been told so far
+        def ready(self):
+            return True
 
-    def generate_sequences(self, chunk):
-        from verl import DataProto
+        def generate_sequences(self, chunk):
+            from verl import DataProto
 
-        seen = ray.get([ray.get_actor(n).calls.remote() for n in ("vllm_server_0_0", "vllm_server_1_0")])
-        out = DataProto.from_dict(tensors={"prompts": chunk.batch["prompts"], "attention_mask": torch.ones(2, 5)})
-        out.meta_info["seen"] = seen  # verl's manager keeps the first chunk's meta_info
-        out.meta_info["metrics"] = [{"generate_sequences": 0.1, "tool_calls": 0.0, "compute_score": 0.0,
-                                     "num_preempted": 0}] * 2
-        return out
+            seen = ray.get([ray.get_actor(n).calls.remote() for n in ("vllm_server_0_0", "vllm_server_1_0")])
+            out = DataProto.from_dict(tensors={"prompts": chunk.batch["prompts"], "attention_mask": torch.ones(2, 5)})
+            out.meta_info["seen"] = seen  # verl's manager keeps the first chunk's meta_info
+            out.meta_info["metrics"] = [{"generate_sequences": 0.1, "tool_calls": 0.0, "compute_score": 0.0,
+                                         "num_preempted": 0}] * 2
+            return out
+
+    return Server, Worker
 
 
 @pytest.fixture(scope="module")
 def manager():
+    import os
+
     from quarl.verl.agent_loop import QuarlAgentLoopManager
 
+    # Ray's workers inherit the driver's environment; with VIRTUAL_ENV set (nox sets it) they died at start here
+    # and every remote call hung. The interpreter is the same either way.
+    venv = os.environ.pop("VIRTUAL_ENV", None)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    if venv is not None:
+        os.environ["VIRTUAL_ENV"] = venv
+    Server, Worker = _actors()
     try:
         servers = [Server.options(name=f"vllm_server_{i}_0").remote() for i in range(2)]
         m = object.__new__(QuarlAgentLoopManager)  # verl's __init__ would start real agent-loop workers
