@@ -5,11 +5,11 @@ Run: python benchmarks/formats.py [--size 4096] [--repeats 5]
      python benchmarks/formats.py --stores [--threads 1,2] [--rounds 41]
 
 Default: for a (size x size) fp32 CPU tensor, the median time of each path and its ratio to ``x.clone()``, plus
-whether quarl's compiled and eager results are bit-identical to each other and to the reference (issue 2 part D:
-target <= 3x a clone). The first compiled call (compile or cache load) is timed separately.
+whether quarl's compiled and eager results are bit-identical to each other and to the reference (target:
+<= 3x a clone). The first compiled call (compile or cache load) is timed separately.
 
 ``--percall``: activation fake-quant per call (no_grad, fp32) from 64K to 16M elements against a clone of the same
-tensor, for each thread count (issue 9: <= 3x a clone from 256K elements, 4096^2 <= 1.5x). Each round times a
+tensor, for each thread count (targets: <= 3x a clone from 256K elements, 4096^2 <= 1.5x). Each round times a
 ~0.5 ms batch of every path back to back (clone, then ``fake_quantize`` and the bound ``fake_quantizer`` of the
 activation hooks, for MXFP4 and NVFP4), in a rotating order; the table gives each path's median per-call time over
 the rounds and its ratio to the clone's median. Short batches keep a shared, loaded machine from charging its

@@ -5,7 +5,7 @@
     python benchmarks/rollout.py --percall-only                   # fake_quantize per call vs the linear / a clone
     python benchmarks/rollout.py --kv-cache fp8_e4m3 --no-percall   # + each variant with an FP8 KV cache
 
-Targets (issue 9): W4A4 generation <= 1.5x the unquantized generation of the same model (goal 1.1x); activation
+Targets: W4A4 generation <= 1.5x the unquantized generation of the same model (goal 1.1x); activation
 fake-quant <= 30 us per call up to 16K elements, <= 0.3x the linear it feeds from hidden 576 up, <= 3x a clone from
 256K elements, 4096^2 fp32 <= 1.5x a clone.
 

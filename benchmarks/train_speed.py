@@ -1,4 +1,4 @@
-"""s/step of `quarl train` vs a plain TRL ``GRPOTrainer`` on the same config, and with MXFP4 W4A4 (issue 8).
+"""s/step of `quarl train` vs a plain TRL ``GRPOTrainer`` on the same config, and with MXFP4 W4A4.
 
     python benchmarks/train_speed.py [--steps 6] [--threads 1]
 

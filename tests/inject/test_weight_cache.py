@@ -277,3 +277,14 @@ def test_fsdp2_two_ranks_trainable_weights_never_stale():
         losses, computations = out[rank]
         assert losses == pytest.approx(ref, rel=1e-5, abs=1e-6)  # gloo all-reduce order: fp32 rounding only
         assert computations >= 4  # re-quantized after every step
+
+
+def test_cache_weights_false_stores_nothing_and_is_always_fresh(monkeypatch):
+    monkeypatch.delenv(VERIFY_ENV)
+    model, x = _mlp(), torch.randn(4, 64)
+    inj = attach(model, SPEC, cache_weights=False)
+    model(x)
+    assert all(s.weight._value is None for s in inj._modules.values())
+    _write_through_data(model)
+    assert torch.equal(model(x), _fresh_output(model, x))  # no invalidation needed: nothing was kept
+    assert inj.stats()["0"]["weight_computations"] == 2

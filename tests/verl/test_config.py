@@ -47,3 +47,11 @@ def test_version_check(version, ok):
     else:
         with pytest.raises(ImportError, match=f"this is verl {version}"):
             check_version(version)
+
+
+def test_cache_weights_switch():
+    on = parse_config("quarl:\n  injection: {scheme: MXFP4}\n")
+    off = parse_config("quarl:\n  injection: {scheme: MXFP4}\n  cache_weights: false\n")
+    assert on.cache_weights is True and off.cache_weights is False and on.digest() != off.digest()
+    with pytest.raises(ValueError, match="cache_weights"):
+        parse_config("quarl:\n  injection: {scheme: MXFP4}\n  cache_weight: false\n")

@@ -8,7 +8,7 @@
     inj.stats()                          # per module: fires / skipped per phase, weight/input/output error stats
     inj.detach()                         # every hook removed, caches freed; the model is bit-identical to before
 
-Design (STYLE §3.5): one forward pre-hook and one always-called post-hook per selected module, both handles owned
+Design: one forward pre-hook and one always-called post-hook per selected module, both handles owned
 here; no global state and no patching. The pre-hook gates on the phase, swaps in the cached weight error
 (`quarl.inject.weights`) and injects the input; the post-hook restores the weight and injects the output. With a
 deterministic format, modules reading the same input tensor (q/k/v, gate/up) share one fake-quantized copy of it
@@ -17,10 +17,10 @@ Fused MoE experts containers get the same two hooks (swapping their 3-D expert w
 and, for activation error, an experts implementation registered with transformers (`quarl.inject.experts`).
 
 Phase policy. The phase is explicit (`phase` / `set_phase`), never inferred from ``module.training`` (HF and TRL
-keep ``training=True`` during generation, FIELD_NOTES §5). Before any phase is set:
+keep ``training=True`` during generation). Before any phase is set:
 - ``apply_during="both"``: injection is on, and the calls are counted under the phase ``"unset"``;
 - ``apply_during="rollout"`` or ``"training"``: a forward raises ``RuntimeError`` — the run cannot tell which
-  phase it is in, and silently skipping (or applying) quantization is how evaluations lied (FIELD_NOTES §2 item 6).
+  phase it is in, and silently skipping (or applying) quantization is how evaluations lied: see docs/failure-modes.md.
 Every call is counted either as a fire or as a skip, per phase, so telemetry always shows what happened.
 
 Activation checkpointing: a forward that autograd re-runs inside the backward (``torch.utils.checkpoint`` with
@@ -132,7 +132,8 @@ class _ModuleInjection:
         rotation = injector._rotations.get(fqn)  # e(vR)R^T on weight and input (quarl.inject.rotation)
         weight_error = rotation.weight_error(error) if rotation else error
         self.weight = (WeightCache(weight_error, self.telemetry, self.rng["weight"], name=fqn,
-                                   epoch=_epoch_of(injector, fqn), verify=injector.verify_weight_cache)
+                                   epoch=_epoch_of(injector, fqn), verify=injector.verify_weight_cache,
+                                   keep=injector.cache_weights)
                        if self.point.weight else None)
         self._input = self.point.input
         self._output = self.point.output
@@ -203,7 +204,8 @@ class Injector:
     """Owns the hooks, caches, phase and telemetry of one attached `InjectionSpec` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None = None,
-                 stats_every: int = 16) -> None:
+                 stats_every: int = 16, cache_weights: bool = True) -> None:
+        self.cache_weights = bool(cache_weights)
         if isinstance(stats_every, bool) or not isinstance(stats_every, int) or stats_every < 0:
             raise ValueError(f"stats_every must be an int >= 0 (0: no activation statistics), got {stats_every!r}")
         self.model = model
@@ -449,7 +451,7 @@ def _optimizer_step_hook(injector: Injector) -> torch.utils.hooks.RemovableHandl
 
 
 def attach(model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None = None,
-           stats_every: int = 16) -> Injector:
+           stats_every: int = 16, cache_weights: bool = True) -> Injector:
     """Attach ``spec`` to ``model``; returns the `Injector` that owns every hook (also a context manager).
 
     Args:
@@ -460,8 +462,12 @@ def attach(model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None =
             n-th after it (default 16: the reductions cost about as much as the fake quantization itself on CPU;
             1 = every call; 0 = never: fires are still counted, the hook path does no reductions at all). Weight
             statistics are measured once per weight version regardless.
+        cache_weights: keep ``e(W)`` between forwards (default). The cache holds one full-size quantized copy per
+            injected weight, per process: under FSDP2 that is the unsharded size on every rank (often more than
+            the rank's own shard). ``False`` re-quantizes every weight on every forward instead: no extra memory,
+            one quantization per weight per forward.
 
     Raises:
         ValueError: the spec matches zero modules, or a format cannot handle a selected module's features.
     """
-    return Injector(model, spec, phase=phase, stats_every=stats_every)
+    return Injector(model, spec, phase=phase, stats_every=stats_every, cache_weights=cache_weights)

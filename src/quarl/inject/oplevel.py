@@ -28,7 +28,8 @@ recognised). A call is then routed by its operands:
   module name nothing proves the call is not an adapter or the head. Use ``all_ops=True`` to inject those too.
 
 ``all_ops=True`` (no model): the pre-selection behaviour, every call injected, lm_head and adapters included; it
-must be asked for by name because it breaks FIELD_NOTES §2 item 5. Without ``model`` and without ``all_ops``
+must be asked for by name because it quantizes lm_head and the LoRA
+adapters, which must stay in full precision. Without ``model`` and without ``all_ops``
 `inject_ops` raises.
 
 Semantics per injected call, by ``injection_point``:

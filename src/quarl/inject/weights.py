@@ -98,18 +98,19 @@ class WeightCache:
     """The cached ``e(W)`` of one module and the swap in/out of its ``weight`` entry.
 
     ``epoch`` returns the owning injector's epoch (see the module docstring); ``verify`` turns on the bitwise check
-    of every hit (`StaleWeightCacheError`).
+    of every hit (`StaleWeightCacheError`); ``keep=False`` stores nothing and recomputes ``e(W)`` on every call.
     """
 
     def __init__(self, error: ErrorModel, telemetry: ModuleTelemetry,
                  generator: Callable[[torch.device], torch.Generator | None], *, name: str = "<module>",
-                 epoch: Callable[[], int] = lambda: 0, verify: bool = False) -> None:
+                 epoch: Callable[[], int] = lambda: 0, verify: bool = False, keep: bool = True) -> None:
         self.error = error
         self.telemetry = telemetry
         self.generator = generator
         self.name = name
         self.epoch = epoch
         self.verify = verify
+        self.keep = keep  # False: nothing is stored, e(W) is recomputed on every forward (no extra memory)
         self._key: _Key | None = None
         self._epoch = -1  # the epoch at which the entry was last proven fresh
         self._checksum: int | None = None
@@ -132,6 +133,11 @@ class WeightCache:
 
     def value(self, param: torch.Tensor) -> torch.Tensor:
         """``e(W)`` for the current values of ``param`` (recomputed only when the weight changed)."""
+        if not self.keep:
+            with torch.no_grad():
+                value = self.error.values(param, self.generator(param.device))
+            self.telemetry.weight_computations += 1
+            return value
         key = weight_key(param)
         if self._fresh(param, key):
             if self.verify and not same_bits(param, self._snapshot):

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from quarl.mdtable import render_table
 from quarl.runs import registry as R
 from quarl.runs.record import is_record, list_records
 from quarl.runs.results import SCORERS, Group, describe_config, group_runs, summarize, summary_dict
@@ -123,9 +124,7 @@ def markdown(rows: Sequence[Row], metric: str = "strict", title: str | None = No
     """A Markdown table (with a legend under it saying what the intervals are)."""
     head = _headers(metric)
     lines = [f"### {title}", ""] if title else []
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in _cells(row, metric)) + " |")
+    lines += [render_table(head, [_cells(row, metric) for row in rows]).rstrip("\n")]
     kinds = sorted({e.ci for r in rows for e in (*r.step0.values(), *r.final.values(), *r.delta.values())
                     if e.ci != "none"})
     lines += ["", "Validation accuracy in points (0-100), finished runs only; "

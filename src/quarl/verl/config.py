@@ -8,6 +8,7 @@ One YAML file holds one top-level ``quarl:`` block with the same schema as ``qua
       aqn: {schedule: qerl, sigma_start: 0.01, sigma_end: 0.0001, num_stages: 10}  # null / absent = no AQN
       total_steps: 300          # the AQN schedule's length: verl's trainer.total_training_steps
       reference: policy         # the reference engine: policy (injected like the actor) | unquantized
+      cache_weights: true       # keep quantized weights between forwards (false: no full-size copy per rank)
 
 The seam. verl 0.9.1 starts actor, reference and rollout workers as Ray actors, and vLLM's workers as
 subprocesses of the rollout server; the one channel that reaches all of them unchanged is the process environment:
@@ -46,6 +47,7 @@ class VerlQuarlConfig:
     aqn: AQNConfig | None = None
     total_steps: int | None = None  # AQN schedule length (verl's trainer.total_training_steps); needed with aqn
     reference: str = "policy"  # policy: the reference engine is injected like the actor | unquantized
+    cache_weights: bool = True  # actor/reference engines keep e(W) between forwards; false: re-quantize per forward
 
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:

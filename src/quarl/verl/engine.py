@@ -59,7 +59,7 @@ class QuarlFSDPEngineWithLMHead(FSDPEngineWithLMHead):
         elif forward_only and cfg.reference == "unquantized":
             logger.info("quarl.verl: reference engine left unquantized (quarl.reference: unquantized)")
         else:
-            self.quarl_injector = attach(module, cfg.injection, phase="training")
+            self.quarl_injector = attach(module, cfg.injection, phase="training", cache_weights=cfg.cache_weights)
             logger.info("quarl.verl: %s on %d modules of the %s engine (config %s)", cfg.injection.error_type,
                         len(self.quarl_injector.modules), "reference" if forward_only else "actor", cfg.digest())
         return super()._build_fsdp_module(module)
