@@ -98,3 +98,15 @@ def load_yaml(cls: type[T], source: str | Path) -> T:
     ) else str(source)
     data = yaml.safe_load(text) or {}
     return from_dict(cls, data)
+
+
+def coerce_block(cls: type[T], value: Any, where: str, shorthand: str, expected: str) -> T | None:
+    """A nested config block given as None, an instance, a shorthand string (``cls(**{shorthand: value})``) or a
+    mapping (strict keys); anything else is a ValueError naming ``where`` and what was ``expected``."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        return cls(**{shorthand: value})
+    if isinstance(value, dict):
+        return from_dict(cls, value, where)
+    raise ValueError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")

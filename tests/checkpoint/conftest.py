@@ -33,3 +33,17 @@ def tiny_export(tiny, calib, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    from quarl.models import load_model
+
+    return load_model("testbed:tiny")  # (model, tokenizer), shared by the module
+
+
+@pytest.fixture(scope="module")
+def calibration(testbed):
+    _, tok = testbed
+    texts = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "12 + 7 = 19. #### 19"]
+    return [{"input_ids": torch.tensor([tok.encode(t)])} for t in texts]

@@ -20,18 +20,6 @@ from quarl.checkpoint.export import calibrate_input_amax, quantizable_modules
 from quarl.inject import InjectionSpec, attach
 
 
-@pytest.fixture(scope="module")
-def testbed():
-    from quarl.models import load_model
-
-    return load_model("testbed:tiny")
-
-
-@pytest.fixture(scope="module")
-def calibration(testbed):
-    _, tok = testbed
-    texts = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "12 + 7 = 19. #### 19"]
-    return [{"input_ids": torch.tensor([tok.encode(t)])} for t in texts]
 
 
 def _ids(tok):

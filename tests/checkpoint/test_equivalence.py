@@ -19,18 +19,6 @@ from quarl.inject import attach
 SCHEMES = ("NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4", "FP8")
 
 
-@pytest.fixture(scope="module")
-def testbed():
-    from quarl.models import load_model
-
-    return load_model("testbed:tiny")
-
-
-@pytest.fixture(scope="module")
-def calibration(testbed):
-    _, tok = testbed
-    texts = ["Tom has 3 apples and buys 4 more. How many apples does he have?", "12 + 7 = 19. #### 19"]
-    return [{"input_ids": torch.tensor([tok.encode(t)])} for t in texts]
 
 
 @pytest.fixture(scope="module")

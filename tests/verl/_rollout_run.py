@@ -1,4 +1,4 @@
-"""The vLLM-side scenario of tests/verl/test_rollout.py, run in a spawned process (vLLM is stubbed there only).
+"""The vLLM-side scenario of tests/verl/test_verl_rollout.py, run in a spawned process (vLLM is stubbed there only).
 
 verl's real ``vLLMColocateWorkerExtension`` (through quarl's subclass) drives a module tree that uses vLLM's layer
 class names and loads weights the way vLLM's loaders do (``param.data.copy_``). Only the IPC transport

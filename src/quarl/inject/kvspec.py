@@ -176,11 +176,4 @@ class AttentionSpec:
 
 
 def _coerce(cls: type, value: Any, where: str) -> Any:
-    if value is None or isinstance(value, cls):
-        return value
-    if isinstance(value, str):
-        return cls(format=value)
-    if isinstance(value, dict):
-        return configio.from_dict(cls, value, f"InjectionSpec.{where}")
-    raise ValueError(f"InjectionSpec.{where} must be a format name or a mapping, got {value!r} "
-                     f"({type(value).__name__})")
+    return configio.coerce_block(cls, value, f"InjectionSpec.{where}", "format", "a format name or a mapping")

@@ -147,14 +147,8 @@ class PrecisionPlan:
     @classmethod
     def coerce(cls, value: Any, where: str = "plan") -> PrecisionPlan | None:
         """None, a plan, a preset name (``"verl-nvfp4-qat"``) or a mapping (strict keys) -> a plan or None."""
-        if value is None or isinstance(value, cls):
-            return value
-        if isinstance(value, str):
-            return cls(preset=value)
-        if isinstance(value, dict):
-            return configio.from_dict(cls, value, f"InjectionSpec.{where}")
-        raise ValueError(f"InjectionSpec.{where} must be a preset name ({', '.join(PRESETS)}) or a mapping, "
-                         f"got {value!r}")
+        return configio.coerce_block(cls, value, f"InjectionSpec.{where}", "preset",
+                                     f"a preset name ({', '.join(PRESETS)}) or a mapping")
 
 
 # --- matching -------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """quarl inside verl 0.9.1's real FSDP2 engine on CPU, loaded through ``external_lib``, at world size 1 and 2 (gloo).
 
-Run: nox -s verl   (or, inside that environment: pytest tests/verl/test_engine.py)
+Run: nox -s verl   (or, inside that environment: pytest tests/verl/test_verl_engine.py)
 
 Each rank (tests/verl/_engine_run.py) builds verl's engine from a tiny random Qwen2 with LoRA r 8 under MXFP4 W4A4,
 computes log-probs, runs one training step with a policy-gradient loss, and builds the reference engine. Here they

@@ -1,6 +1,6 @@
 """The ``quarl:`` block of a verl run and its seam (``QUARL_VERL_CONFIG``): strict, loud, the same on every worker.
 
-Run: pytest tests/verl/test_config.py   (needs no verl)
+Run: pytest tests/verl/test_verl_config.py   (needs no verl)
 """
 
 import pytest

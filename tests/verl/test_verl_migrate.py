@@ -1,6 +1,6 @@
 """`quarl verl migrate`: a fork-style launch script -> plain verl + the quarl.verl plugin; the fork's mistakes refused.
 
-Run: pytest tests/verl/test_migrate.py   (needs no verl: runs in quarl's main environment too)
+Run: pytest tests/verl/test_verl_migrate.py   (needs no verl: runs in quarl's main environment too)
 """
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """quarl's vLLM worker extension against verl 0.9.1's real ``vLLMColocateWorkerExtension`` (vLLM stubbed at import).
 
-Run: nox -s verl   (or, inside that environment: pytest tests/verl/test_rollout.py)
+Run: nox -s verl   (or, inside that environment: pytest tests/verl/test_verl_rollout.py)
 
 The scenario (tests/verl/_rollout_run.py, in a spawned process so that the vLLM stand-in never reaches other tests):
 attach at ``monkey_patch_model``, a bucketed full sync through verl's ``update_weights_from_ipc`` /

@@ -1,6 +1,6 @@
 """`QuarlAgentLoopManager`: verl's agent-loop manager, with AQN switched off on every vLLM server around validation.
 
-Run: nox -s verl   (or, inside that environment: pytest tests/verl/test_agent_loop.py)
+Run: nox -s verl   (or, inside that environment: pytest tests/verl/test_verl_agent_loop.py)
 
 A local Ray (one CPU) holds two server actors under verl's names, exposing the ``collective_rpc`` signature of verl's
 vLLM server, and an agent-loop worker that records, while it generates, which calls the servers had received. verl's
