@@ -154,9 +154,9 @@ def test_detach_removes_the_optimizer_hook():
     assert not inj.attached
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model(x).sum().backward()
-    before = inj._epoch
+    before = inj._epoch.value
     opt.step()
-    assert inj._epoch == before
+    assert inj._epoch.value == before
 
 
 def test_peft_merge_and_unmerge():
@@ -288,3 +288,15 @@ def test_cache_weights_false_stores_nothing_and_is_always_fresh(monkeypatch):
     _write_through_data(model)
     assert torch.equal(model(x), _fresh_output(model, x))  # no invalidation needed: nothing was kept
     assert inj.stats()["0"]["weight_computations"] == 2
+
+
+def test_cache_weights_false_reaches_moe_experts():
+    from _tiny_moe import tiny_moe
+
+    model = tiny_moe("qwen3_moe")
+    ids = torch.randint(0, 128, (1, 6))
+    inj = attach(model, SPEC, cache_weights=False)
+    with torch.no_grad():
+        model(input_ids=ids)
+    experts = [s.weight for s in inj._modules.values() if hasattr(s.weight, "caches")]
+    assert experts and all(c._value is None for e in experts for c in e.caches.values())

@@ -108,10 +108,10 @@ class ExpertWeights:
 
     def __init__(self, module: nn.Module, error: ErrorModel, telemetry: ModuleTelemetry,
                  generator: Callable[[torch.device], torch.Generator | None], *, name: str,
-                 epoch: Callable[[], object], verify: bool) -> None:
+                 epoch: Callable[[], object], verify: bool, keep: bool = True) -> None:
         per_expert = _PerExpert(error, bool(module.is_transposed))
         self.caches = {n: WeightCache(per_expert, telemetry, generator, name=f"{name}.{n}", epoch=epoch,
-                                      verify=verify) for n in expert_weights(module)}
+                                      verify=verify, keep=keep) for n in expert_weights(module)}
         self._telemetry = telemetry
         self._saved: list[tuple[dict, str, nn.Parameter]] = []  # (parameters dict, key, Parameter) while swapped
 
@@ -263,30 +263,16 @@ def check_experts(selected: list[tuple[str, nn.Module]], error: ErrorModel, poin
             error.check_shape(in_features(module, name), f"{where}.{name}")
 
 
-def _epoch(injector: Any, fqn: str) -> Callable[[], object]:
-    """The injector's epoch plus the merge state of every PEFT wrapper around the container (PEFT nests one
-    ``ParamWrapper`` per expert weight; ``merge`` / ``unmerge`` write the weights through ``.data``)."""
-    wrappers = []
-    name = fqn
-    while name.endswith(".base_layer"):
-        name = name.removesuffix(".base_layer")
-        parent = injector.model.get_submodule(name)
-        if isinstance(getattr(parent, "merged_adapters", None), list):
-            wrappers.append(parent)
-    if not wrappers:
-        return injector._get_epoch
-    return lambda: (injector._epoch, tuple(len(w.merged_adapters) for w in wrappers))
-
-
 def install_experts(injector: Any, fqn: str, module: nn.Module, state: Any) -> list[Any]:
     """Wire one selected experts container into ``injector``: per-expert weight swap through ``state``'s hooks,
     activation error through the registered `ExpertsDispatch` of its config. Returns the new handles."""
-    from quarl.inject.injector import activation_fn
+    from quarl.inject.injector import activation_fn, epoch_of
 
     point = injector.spec.injection_point
     if state.weight is not None:
         state.weight = ExpertWeights(module, state.error, state.telemetry, state.rng["weight"], name=fqn,
-                                     epoch=_epoch(injector, fqn), verify=injector.verify_weight_cache)
+                                     epoch=epoch_of(injector, fqn), verify=injector.verify_weight_cache,
+                                     keep=injector.cache_weights)
     state._input = state._output = False  # the hooks only gate, count and swap weights; activations: the dispatch
     handles = [module.register_forward_pre_hook(state.pre, with_kwargs=True),
                module.register_forward_hook(state.post, with_kwargs=True, always_call=True)]

@@ -37,13 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quarl.inject.activations import inject_input, inject_output
 from quarl.inject.errors import ErrorModel, module_seed
@@ -53,7 +51,7 @@ from quarl.inject.experts import check_experts, install_experts
 from quarl.inject.select import is_experts, select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
 from quarl.inject.telemetry import ModuleTelemetry, stats_row
-from quarl.inject.weights import WeightCache, verify_enabled
+from quarl.inject.weights import WeightCache, WeightEpoch, verify_enabled
 
 logger = logging.getLogger(__name__)
 UNSET = "unset"
@@ -106,15 +104,21 @@ def activation_fn(error: ErrorModel, generator: _Rng,
     return lambda x: fq(x.detach())
 
 
-def _epoch_of(injector: Injector, fqn: str) -> Callable[[], object]:
-    """The epoch a module's weight cache compares against: the injector's, plus, for the ``base_layer`` of a PEFT
-    LoRA layer, how many adapters are merged into it (PEFT's ``merge`` / ``unmerge`` write the base weight through
-    ``.data``: a forward after either re-checks the cached weight)."""
-    parent_name, _, leaf = fqn.rpartition(".")
-    parent = injector.model.get_submodule(parent_name) if leaf == "base_layer" else None
-    if parent is None or not isinstance(getattr(parent, "merged_adapters", None), list):
-        return injector._get_epoch
-    return lambda: (injector._epoch, len(parent.merged_adapters))
+def epoch_of(injector: Injector, fqn: str) -> Callable[[], object]:
+    """The epoch a module's weight cache compares against: the injector's, plus the merge state of every PEFT layer
+    wrapped around the module (``.base_layer`` links; PEFT nests one ``ParamWrapper`` per MoE expert weight).
+    PEFT's ``merge`` / ``unmerge`` write the base weight through ``.data``: a forward after either re-checks it."""
+    wrappers = []
+    name = fqn
+    while name.endswith(".base_layer"):
+        name = name.removesuffix(".base_layer")
+        parent = injector.model.get_submodule(name)
+        if isinstance(getattr(parent, "merged_adapters", None), list):
+            wrappers.append(parent)
+    epoch = injector._epoch
+    if not wrappers:
+        return epoch
+    return lambda: (epoch.value, tuple(len(w.merged_adapters) for w in wrappers))
 
 
 class _ModuleInjection:
@@ -132,7 +136,7 @@ class _ModuleInjection:
         rotation = injector._rotations.get(fqn)  # e(vR)R^T on weight and input (quarl.inject.rotation)
         weight_error = rotation.weight_error(error) if rotation else error
         self.weight = (WeightCache(weight_error, self.telemetry, self.rng["weight"], name=fqn,
-                                   epoch=_epoch_of(injector, fqn), verify=injector.verify_weight_cache,
+                                   epoch=epoch_of(injector, fqn), verify=injector.verify_weight_cache,
                                    keep=injector.cache_weights)
                        if self.point.weight else None)
         self._input = self.point.input
@@ -212,7 +216,7 @@ class Injector:
         self.spec = spec
         self.stats_every = stats_every
         self._phase: Phase | None = None
-        self._epoch = 0  # moves on phase changes, optimizer steps, invalidate_weights (see quarl.inject.weights)
+        self._epoch = WeightEpoch()  # moves on phase changes, optimizer steps, invalidate_weights
         self.verify_weight_cache = verify_enabled()
         self._bypassed = False  # inside `bypassed()`: every forward passes through, whatever the phase
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -220,7 +224,7 @@ class Injector:
         self._last_input: tuple[torch.Tensor, tuple, torch.Tensor, dict, Callable] | None = None  # _shared_input
         self.set_phase(phase)
         self._install()
-        self._handles.append(_optimizer_step_hook(self))
+        self._handles.append(self._epoch.watch_optimizers())
 
     # --- installation -----------------------------------------------------------------------------------------------
     def _install(self) -> None:
@@ -303,7 +307,7 @@ class Injector:
                 raise ValueError(f"unknown phase {phase!r}; valid phases: {', '.join(valid)}")
             phase = Phase(phase)
         if phase is not self._phase:
-            self._epoch += 1  # weights may have been written between phases: re-check cached ones once
+            self._epoch.bump()  # weights may have been written between phases: re-check cached ones once
         self._phase = phase
         # what `_gate` returns, resolved once per phase change instead of once per hook call
         if phase is None:
@@ -348,9 +352,6 @@ class Injector:
         return state
 
     # --- weight cache -----------------------------------------------------------------------------------------------
-    def _get_epoch(self) -> int:
-        return self._epoch
-
     def invalidate_weights(self) -> None:
         """Drop every cached quantized weight: the next forward of each module recomputes ``e(W)``.
 
@@ -358,7 +359,7 @@ class Injector:
         ``param.data += ...``) in the middle of a phase; between phases and after optimizer steps quarl re-checks
         cached weights by itself (`quarl.inject.weights`). quarl's TRL + vLLM sync and verl worker extension call it
         after every weight sync."""
-        self._epoch += 1
+        self._epoch.bump()
         for state in self._modules.values():
             if state.weight is not None:
                 state.weight.clear()
@@ -434,20 +435,6 @@ class Injector:
 
     def __exit__(self, *exc: object) -> None:
         self.detach()
-
-
-def _optimizer_step_hook(injector: Injector) -> torch.utils.hooks.RemovableHandle:
-    """A process-wide post-step hook on every ``torch.optim`` optimizer that moves ``injector``'s epoch, so cached
-    weights are re-checked after each step (FSDP2 writes the stepped values into its gather buffers without a version
-    bump). It holds the injector weakly; the handle is owned by the injector and removed by ``detach``."""
-    ref = weakref.ref(injector)
-
-    def bump(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        inj = ref()
-        if inj is not None:
-            inj._epoch += 1
-
-    return register_optimizer_step_post_hook(bump)
 
 
 def attach(model: nn.Module, spec: InjectionSpec, *, phase: Phase | str | None = None,

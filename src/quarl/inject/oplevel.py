@@ -51,14 +51,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
 from quarl.inject.errors import ErrorModel, module_seed
 from quarl.inject.select import is_experts, select_modules
 from quarl.inject.spec import ApplyDuring, InjectionSpec, Phase
 from quarl.inject.telemetry import ModuleTelemetry
-from quarl.inject.weights import WeightCache, verify_enabled
+from quarl.inject.weights import WeightCache, WeightEpoch, verify_enabled
 
 _OPS = {
     F.linear: "linear",
@@ -145,7 +144,7 @@ class OpInjector(TorchFunctionMode):
         self._owners: WeightOwners | None = None
         self._gens: dict[tuple[str, torch.device], torch.Generator] = {}
         self._weights: dict[int, tuple[weakref.ref, WeightCache]] = {}
-        self._epoch = 0  # moved by optimizer steps inside the block and by invalidate_weights
+        self._epoch = WeightEpoch()  # moved by optimizer steps inside the block and by invalidate_weights
         self._verify = verify_enabled()
         self._step_hook: torch.utils.hooks.RemovableHandle | None = None
 
@@ -174,7 +173,7 @@ class OpInjector(TorchFunctionMode):
         entry = self._weights.get(id(w))
         if entry is None or entry[0]() is not w:
             cache = WeightCache(self.error, self.telemetry[op], lambda dev, name=f"{who}:weight": self._gen(name, dev),
-                                name=who, epoch=lambda: self._epoch, verify=self._verify)
+                                name=who, epoch=self._epoch, verify=self._verify)
             entry = self._weights[id(w)] = (weakref.ref(w), cache)
         cache = entry[1]
         cache.telemetry = self.telemetry[op]  # counted under the op that (re)computes it
@@ -182,7 +181,7 @@ class OpInjector(TorchFunctionMode):
 
     def invalidate_weights(self) -> None:
         """Drop every cached e(W) (after writing weights through ``.data`` inside the block)."""
-        self._epoch += 1
+        self._epoch.bump()
         self._weights.clear()
 
     def _weight_view(self, op: str, fqn: str, t: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
@@ -246,11 +245,8 @@ class OpInjector(TorchFunctionMode):
     def __enter__(self) -> OpInjector:
         if self.model is not None:  # indexed on entry: parameters may have been replaced since construction
             self._owners = WeightOwners(self.model, self.selected)
-        self._step_hook = register_optimizer_step_post_hook(self._on_optimizer_step)
+        self._step_hook = self._epoch.watch_optimizers()
         return super().__enter__()
-
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-        self._epoch += 1
 
     def __exit__(self, *exc: object) -> Any:
         self._weights.clear()

@@ -41,10 +41,12 @@ Stochastic error models resample once per cached value, i.e. once per weight ver
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from quarl.inject.errors import ErrorModel, pass_through
 from quarl.inject.telemetry import ModuleTelemetry
@@ -92,6 +94,34 @@ def checksum(t: torch.Tensor) -> int:
     rows = torch.arange(b.shape[0], device=b.device, dtype=torch.int64).mul_(_ROW_MUL).unsqueeze(1)
     cols = torch.arange(b.shape[1], device=b.device, dtype=torch.int64).mul_(_COL_MUL)
     return int(b.mul_((rows + cols).bitwise_or_(1)).sum())
+
+
+class WeightEpoch:
+    """The counter a `WeightCache` compares against: it moves whenever cached weights must be re-checked.
+
+    Calling it returns the current value. `watch_optimizers` moves it after every step of any ``torch.optim``
+    optimizer (FSDP2 writes stepped values into its gather buffers without a version bump); the returned handle is
+    the caller's to remove, and the hook holds the epoch weakly.
+    """
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def __call__(self) -> int:
+        return self.value
+
+    def bump(self) -> None:
+        self.value += 1
+
+    def watch_optimizers(self) -> torch.utils.hooks.RemovableHandle:
+        ref = weakref.ref(self)
+
+        def bump(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+            epoch = ref()
+            if epoch is not None:
+                epoch.bump()
+
+        return register_optimizer_step_post_hook(bump)
 
 
 class WeightCache:
